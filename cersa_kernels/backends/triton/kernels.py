@@ -1,0 +1,407 @@
+"""Triton kernels of ``cersa_linear`` (DESIGN.md "Forward" / "Backward") and their launchers.
+
+Two GEMM kernels cover every product of the forward and the backward pass, each
+reading the frozen and the trainable factor through *separate* pointers (no
+concatenated ``[Vh; A]`` or ``[U | B]`` is ever built):
+
+``_seg_cols_kernel``  C = P @ [Q1 | Q2]   (output columns in two segments)
+    The column tiles of the launch grid are aligned to the segments: the first
+    ``cdiv(N1, BN)`` tiles read Q1 and write C1, the rest read Q2 and write C2.
+    Epilogue of segment 1: optional raw copy (``xv``), optional fused column
+    reduction ``RED[j] += sum_i AUX[i, j] * C1raw[i, j]`` (``dS``), optional
+    column scale ``S1`` (``diag(S)``).  Epilogue of segment 2: scalar ``alpha2``
+    (the delta scale s).  Optional fused row sum of P (``dbias``).
+    Used for: down-projection ``[x Vh^T * S | s x A^T]``, ``dh = dy [U | B]``
+    (with ``dS``), ``[dVh; dA] = [g_r | g_k]^T x`` and ``[dU | dB] = dy^T [xv S | h_k]``
+    (with ``dbias``).
+
+``_seg_k_kernel``     C = P1 @ Q1 + P2 @ Q2 + bias   (two K segments, one accumulator)
+    Used for: up-projection ``y = h_r U^T + h_k B^T + bias`` and
+    ``dx = g_r Vh + g_k A``.
+
+Numerics: accumulation in fp32 (fp64 for fp64 inputs); fp32 inputs use TF32
+tensor cores only when ``torch.backends.cuda.matmul.allow_tf32`` is True (the
+same switch as ``torch.mm``; default False) or when ``set_allow_tf32(True)`` was
+called.  Under the Triton interpreter (``TRITON_INTERPRET=1``) 16-bit tiles are
+upcast to fp32 before ``tl.dot`` (the interpreter's bf16 ``dot`` is wrong).
+
+Every tensor is passed with its strides; every load and store is masked on the
+ragged edges; a launch with an empty grid is skipped (zero rows launch nothing).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------------------------
+
+_TF32_OVERRIDE: bool | None = None
+#: number of kernel launches issued by this module (used by tests: zero rows launch nothing).
+LAUNCHES = 0
+
+
+def set_allow_tf32(flag: bool | None) -> None:
+    """Force TF32 on (True) or off (False) for fp32 inputs; None follows
+    ``torch.backends.cuda.matmul.allow_tf32`` (the default)."""
+    global _TF32_OVERRIDE
+    if flag is not None and not isinstance(flag, bool):
+        raise TypeError(f"set_allow_tf32: expected bool or None, got {type(flag).__name__}")
+    _TF32_OVERRIDE = flag
+
+
+def tf32_enabled() -> bool:
+    """Whether fp32 GEMMs of this backend use TF32 tensor cores (never under the interpreter)."""
+    if _TF32_OVERRIDE is not None:
+        return _TF32_OVERRIDE
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def _cfg(bm, bn, bk, warps, stages, group=8):
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group},
+                         num_warps=warps, num_stages=stages)
+
+
+#: GPU configurations.  Large tiles with deep pipelines for Hopper (H100/H200: 228 KiB smem,
+#: wgmma wants BM>=64 and 8 warps), 32-deep K tiles for Ampere (A100: 164 KiB smem), and
+#: skinny-M tiles for decode-like inputs (N = 1..64 rows).  Pruned per launch by shared memory
+#: and by M (see _prune); one configuration under the interpreter.
+GPU_CONFIGS = [
+    # Hopper-sized
+    _cfg(128, 256, 64, 8, 3),
+    _cfg(256, 128, 64, 8, 3),
+    _cfg(128, 128, 64, 8, 4),
+    _cfg(128, 128, 64, 4, 4),
+    # Ampere-sized
+    _cfg(128, 128, 32, 4, 4),
+    _cfg(128, 64, 32, 4, 4),
+    _cfg(64, 128, 32, 4, 4),
+    _cfg(64, 64, 64, 4, 4),
+    # skinny M (N tokens small)
+    _cfg(16, 64, 128, 4, 4),
+    _cfg(16, 128, 128, 4, 3),
+    _cfg(32, 128, 64, 4, 4),
+]
+#: the one configuration used by the interpreter (small blocks so that the tests' odd sizes
+#: span several tiles and every ragged edge is exercised).
+INTERP_CONFIG = _cfg(16, 16, 16, 1, 1, group=2)
+
+
+def _smem_limit() -> int:
+    try:
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
+    except Exception:
+        return 99 * 1024
+
+
+_SMEM: list[int] = []
+
+
+def _elt_size(named_args) -> int:
+    for name in ("P", "P1"):
+        t = named_args.get(name)
+        if t is not None and hasattr(t, "element_size"):
+            return t.element_size()
+    return 2
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep configurations whose pipelined tiles fit in shared memory and whose BM is not far
+    larger than M (skinny inputs); never returns an empty list."""
+    if not _SMEM:
+        _SMEM.append(_smem_limit())
+    esize = _elt_size(named_args)
+    m = int(named_args.get("M", 1 << 30))
+    mcap = max(16, triton.next_power_of_2(max(m, 1)))
+    out = []
+    for c in configs:
+        kw = c.kwargs
+        smem = c.num_stages * (kw["BM"] * kw["BK"] + kw["BK"] * kw["BN"]) * esize
+        if smem > _SMEM[0]:
+            continue
+        if kw["BM"] > 2 * mcap:
+            continue
+        if m > 256 and kw["BM"] < 64:
+            continue
+        out.append(c)
+    if not out:
+        out = [min(configs, key=lambda c: c.num_stages * (c.kwargs["BM"] + c.kwargs["BN"]) * c.kwargs["BK"])]
+    return out
+
+
+def _bench(fn, quantiles):
+    # Short autotuning budget so that the first call of a new shape stays cheap.
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+def _make_autotuned(jit_fn, key, reset_to_zero=None):
+    if isinstance(jit_fn, InterpretedFunction):
+        return triton.autotune(configs=[INTERP_CONFIG], key=key)(jit_fn)
+    return triton.autotune(configs=GPU_CONFIGS, key=key, prune_configs_by={"early_config_prune": _prune},
+                           reset_to_zero=reset_to_zero, do_bench=_bench)(jit_fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    # grouped ordering: GROUP_M row tiles share column tiles in L2.
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsize
+    pid_n = (pid % width) // gsize
+    return pid_m, pid_n
+
+
+@triton.jit
+def _dot_loop(acc, rs, P, Q, offs_m, offs_n, M, ncols, K, s_pm, s_pk, s_qk, s_qn,
+              ROWSUM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+              BK: tl.constexpr):
+    """acc += P[offs_m, :K] @ Q[:K, offs_n]; rs += row sums of P when ROWSUM."""
+    offs_k = tl.arange(0, BK)
+    mask_m = offs_m < M
+    mask_n = offs_n < ncols
+    p_ptrs = P + offs_m.to(tl.int64)[:, None] * s_pm + offs_k[None, :] * s_pk
+    q_ptrs = Q + offs_k[:, None] * s_qk + offs_n.to(tl.int64)[None, :] * s_qn
+    for k0 in range(0, K, BK):
+        kmask = offs_k < K - k0
+        a = tl.load(p_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(q_ptrs, mask=kmask[:, None] & mask_n[None, :], other=0.0)
+        if ROWSUM:
+            rs += tl.sum(a.to(acc.dtype), axis=1)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+        p_ptrs += BK * s_pk
+        q_ptrs += BK * s_qk
+    return acc, rs
+
+
+@triton.jit
+def _seg_cols_kernel(
+    P, Q1, Q2, C1, C2, XR, S1, AUX, RED, RS,
+    M, N1, N2, K,
+    s_pm, s_pk, s_q1k, s_q1n, s_q2k, s_q2n,
+    s_c1m, s_c1n, s_c2m, s_c2n, s_xrm, s_xrn, s_am, s_an,
+    alpha2, M_BUCKET,
+    HAS_S1: tl.constexpr, WRITE_RAW: tl.constexpr, HAS_RED: tl.constexpr, HAS_RS: tl.constexpr,
+    HAS_ALPHA: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C1 = epi1(P @ Q1) (M, N1) and C2 = alpha2 * (P @ Q2) (M, N2) in one launch."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    t1 = tl.cdiv(N1, BN)
+    num_n = t1 + tl.cdiv(N2, BN)
+    pid_m, pid_n = _tile_ids(pid, num_m, num_n, GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    mask_m = offs_m < M
+    offs_m64 = offs_m.to(tl.int64)
+    acc = tl.zeros((BM, BN), dtype=ACC_DTYPE)
+    rs = tl.zeros((BM,), dtype=ACC_DTYPE)
+    if pid_n < t1:
+        # ---- segment 1: frozen factor (Vh^T, U, xv, g_r, ...) ----
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        mask_n = offs_n < N1
+        acc, rs = _dot_loop(acc, rs, P, Q1, offs_m, offs_n, M, N1, K, s_pm, s_pk, s_q1k, s_q1n,
+                            HAS_RS, UPCAST, PRECISION, BK)
+        mask = mask_m[:, None] & mask_n[None, :]
+        if WRITE_RAW:
+            tl.store(XR + offs_m64[:, None] * s_xrm + offs_n[None, :] * s_xrn,
+                     acc.to(XR.dtype.element_ty), mask=mask)
+        if HAS_RED:
+            aux = tl.load(AUX + offs_m64[:, None] * s_am + offs_n[None, :] * s_an, mask=mask, other=0.0)
+            tl.atomic_add(RED + offs_n, tl.sum(aux.to(ACC_DTYPE) * acc, axis=0), mask=mask_n)
+        if HAS_S1:
+            s = tl.load(S1 + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)
+            acc = acc * s[None, :]
+        tl.store(C1 + offs_m64[:, None] * s_c1m + offs_n[None, :] * s_c1n,
+                 acc.to(C1.dtype.element_ty), mask=mask)
+    else:
+        # ---- segment 2: trainable factor (A^T, B, h_k, g_k, ...) ----
+        offs_n = (pid_n - t1) * BN + tl.arange(0, BN)
+        mask_n = offs_n < N2
+        acc, rs = _dot_loop(acc, rs, P, Q2, offs_m, offs_n, M, N2, K, s_pm, s_pk, s_q2k, s_q2n,
+                            HAS_RS, UPCAST, PRECISION, BK)
+        if HAS_ALPHA:
+            acc = acc * alpha2
+        tl.store(C2 + offs_m64[:, None] * s_c2m + offs_n[None, :] * s_c2n,
+                 acc.to(C2.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if HAS_RS:
+        # fused row sums of P (dbias); the first column tile of each row tile writes them.
+        if pid_n == 0:
+            tl.store(RS + offs_m, rs.to(RS.dtype.element_ty), mask=mask_m)
+
+
+@triton.jit
+def _seg_k_kernel(
+    P1, Q1, P2, Q2, C, BIAS,
+    M, N, K1, K2,
+    s_p1m, s_p1k, s_q1k, s_q1n, s_p2m, s_p2k, s_q2k, s_q2n, s_cm, s_cn,
+    M_BUCKET,
+    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C (M, N) = P1 @ Q1 + P2 @ Q2 (+ bias), both K segments in one accumulator."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    pid_m, pid_n = _tile_ids(pid, num_m, num_n, GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BM, BN), dtype=ACC_DTYPE)
+    rs = tl.zeros((BM,), dtype=ACC_DTYPE)
+    acc, rs = _dot_loop(acc, rs, P1, Q1, offs_m, offs_n, M, N, K1, s_p1m, s_p1k, s_q1k, s_q1n,
+                        False, UPCAST, PRECISION, BK)
+    acc, rs = _dot_loop(acc, rs, P2, Q2, offs_m, offs_n, M, N, K2, s_p2m, s_p2k, s_q2k, s_q2n,
+                        False, UPCAST, PRECISION, BK)
+    if HAS_BIAS:
+        b = tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)
+        acc = acc + b[None, :]
+    tl.store(C + offs_m.to(tl.int64)[:, None] * s_cm + offs_n[None, :] * s_cn,
+             acc.to(C.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _colsum_kernel(X, OUT, M, N, s_xm, s_xn, BM: tl.constexpr, BN: tl.constexpr,
+                   ACC_DTYPE: tl.constexpr):
+    """OUT (N,) = sum over rows of X (M, N) (dbias when no dB/dU GEMM runs)."""
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    mask_n = offs_n < N
+    acc = tl.zeros((BN,), dtype=ACC_DTYPE)
+    offs_m = tl.arange(0, BM)
+    for m0 in range(0, M, BM):
+        rows = m0 + offs_m
+        x = tl.load(X + rows.to(tl.int64)[:, None] * s_xm + offs_n[None, :] * s_xn,
+                    mask=(rows < M)[:, None] & mask_n[None, :], other=0.0)
+        acc += tl.sum(x.to(ACC_DTYPE), axis=0)
+    tl.store(OUT + offs_n, acc.to(OUT.dtype.element_ty), mask=mask_n)
+
+
+#: True when the kernels were created by the Triton interpreter (TRITON_INTERPRET=1 was set
+#: before this module, and triton, were imported).
+INTERPRETED = isinstance(_seg_k_kernel, InterpretedFunction)
+
+_seg_cols = _make_autotuned(_seg_cols_kernel, key=["M_BUCKET", "N1", "N2", "K"], reset_to_zero=["RED"])
+_seg_k = _make_autotuned(_seg_k_kernel, key=["M_BUCKET", "N", "K1", "K2"])
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers (2-D tensors with arbitrary strides; shapes checked by the caller)
+# ---------------------------------------------------------------------------------------------
+
+_TL_ACC = {torch.float64: tl.float64}
+
+
+def _flags(dtype: torch.dtype):
+    """(ACC_DTYPE, UPCAST, PRECISION) for an input dtype."""
+    if dtype == torch.float64:
+        return tl.float64, False, "ieee"
+    upcast = INTERPRETED and dtype in (torch.float16, torch.bfloat16)
+    if dtype == torch.float32:
+        prec = "tf32" if (tf32_enabled() and not INTERPRETED) else "ieee"
+    else:
+        prec = "tf32" if not INTERPRETED else "ieee"
+    return tl.float32, upcast, prec
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _bucket(m: int) -> int:
+    return triton.next_power_of_2(max(int(m), 1))
+
+
+def seg_cols(P, Q1, Q2, C1, C2, *, S1=None, alpha2=None, raw_out=None, red=None, aux=None,
+             rowsum=None):
+    """C1 = (P @ Q1) [* S1 columns], C2 = alpha2 * (P @ Q2); optional raw copy of P @ Q1 into
+    raw_out, ``red += sum_rows(aux * (P @ Q1))`` (fp32/fp64 buffer), ``rowsum = sum_cols(P)``.
+
+    P (M, K); Q1 (K, N1); Q2 (K, N2); C1 (M, N1); C2 (M, N2); any strides.  Segments of width 0
+    are allowed (pass a (K, 0)/(M, 0) tensor).  Returns nothing; launches nothing when the grid
+    is empty."""
+    global LAUNCHES
+    M, K = P.shape
+    N1, N2 = Q1.shape[1], Q2.shape[1]
+    if M == 0 or N1 + N2 == 0:
+        return
+    acc, upcast, prec = _flags(P.dtype)
+    dummy = C1 if N1 > 0 else C2
+    red_t = red if red is not None else torch.empty(1, device=P.device, dtype=acc_dtype(P.dtype))
+    xr = raw_out if raw_out is not None else dummy
+    au = aux if aux is not None else dummy
+    rs = rowsum if rowsum is not None else red_t
+    s1 = S1 if S1 is not None else dummy
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BM"]) * (triton.cdiv(N1, meta["BN"]) + triton.cdiv(N2, meta["BN"])),)
+
+    LAUNCHES += 1
+    _seg_cols[grid](
+        P, Q1, Q2, C1, C2, xr, s1, au, red_t, rs,
+        M, N1, N2, K,
+        P.stride(0), P.stride(1), Q1.stride(0), Q1.stride(1), Q2.stride(0), Q2.stride(1),
+        C1.stride(0), C1.stride(1), C2.stride(0), C2.stride(1), xr.stride(0), xr.stride(1),
+        au.stride(0), au.stride(1),
+        float(alpha2) if alpha2 is not None else 1.0, _bucket(M),
+        HAS_S1=S1 is not None, WRITE_RAW=raw_out is not None, HAS_RED=red is not None,
+        HAS_RS=rowsum is not None, HAS_ALPHA=alpha2 is not None and alpha2 != 1.0,
+        ACC_DTYPE=acc, UPCAST=upcast, PRECISION=prec,
+    )
+
+
+def seg_k(P1, Q1, P2, Q2, C, bias=None):
+    """C (M, N) = P1 @ Q1 + P2 @ Q2 (+ bias (N,)); P1 (M, K1), Q1 (K1, N), P2 (M, K2), Q2 (K2, N);
+    P2/Q2 may be None (K2 = 0).  Any strides."""
+    global LAUNCHES
+    M, N = C.shape
+    if M == 0 or N == 0:
+        return
+    if P2 is None:
+        P2, Q2 = P1[:, :0], Q1[:0, :]
+    acc, upcast, prec = _flags(P1.dtype)
+    K1, K2 = P1.shape[1], P2.shape[1]
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+
+    LAUNCHES += 1
+    _seg_k[grid](
+        P1, Q1, P2, Q2, C, bias if bias is not None else C,
+        M, N, K1, K2,
+        P1.stride(0), P1.stride(1), Q1.stride(0), Q1.stride(1),
+        P2.stride(0), P2.stride(1), Q2.stride(0), Q2.stride(1), C.stride(0), C.stride(1),
+        _bucket(M),
+        HAS_BIAS=bias is not None, ACC_DTYPE=acc, UPCAST=upcast, PRECISION=prec,
+    )
+
+
+def colsum(X, out):
+    """out (N,) = X.sum(0) for X (M, N) with any strides, accumulated in fp32/fp64."""
+    global LAUNCHES
+    M, N = X.shape
+    if N == 0:
+        return
+    if M == 0:
+        out.zero_()
+        return
+    acc, _, _ = _flags(X.dtype)
+    BN = 32 if INTERPRETED else 128
+    BM = 16 if INTERPRETED else 64
+    LAUNCHES += 1
+    _colsum_kernel[(triton.cdiv(N, BN),)](X, out, M, N, X.stride(0), X.stride(1),
+                                         BM=BM, BN=BN, ACC_DTYPE=acc)

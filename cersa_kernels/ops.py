@@ -1,0 +1,154 @@
+"""The functional op ``cersa_linear``: argument checks, backend choice, autocast, autograd.
+
+This is the stable public API other CERSA front ends import.  The kernels live in
+``cersa_kernels.backends``; this module only checks arguments, flattens leading dimensions,
+applies the autocast dtype, picks a backend and wraps the backend's forward/backward in one
+``torch.autograd.Function``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import Tensor
+
+from .backends import backend_status, default_backend, load_backend
+
+__all__ = ["cersa_linear", "resolve_backend"]
+
+
+def _check_tensor(name: str, t, dim: int | None = None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name}: expected a {dim}-D tensor, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+
+
+def _check_shape(name: str, t: Tensor, expected: tuple, meaning: str) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name}: expected shape {tuple(expected)} {meaning}, got {tuple(t.shape)}")
+
+
+@torch.compiler.assume_constant_result
+def _default_backend_for(device_type: str) -> str:
+    return default_backend(device_type)
+
+
+def resolve_backend(backend: str | None, device_type: str) -> str:
+    """The backend name used for tensors on ``device_type``.
+
+    backend: None (the fastest available, or $CERSA_BACKEND), or one of "reference", "cpp",
+    "cuda", "triton".  Raises ValueError for an unknown name and RuntimeError, with the reason,
+    for a backend that cannot run here.
+    """
+    name = backend if backend is not None else _default_backend_for(device_type)
+    ok, why = backend_status(name, device_type)
+    if not ok:
+        source = "backend" if backend is not None else "CERSA_BACKEND"
+        raise RuntimeError(f"{source}: {name!r} cannot run on {device_type!r} tensors here: {why}")
+    return name
+
+
+class _CersaLinearFunction(torch.autograd.Function):
+    """Autograd of DESIGN.md's forward/backward; saves x only when dA or dVh is needed,
+    h_k = s x A^T (N, k) only when dB is needed, and xv = x Vh^T (N, r) only when dS or dU is."""
+
+    @staticmethod
+    def forward(ctx, backend: str, scale: float, x, U, S, Vh, A, B, bias):
+        need = ctx.needs_input_grad  # (backend, scale, x, U, S, Vh, A, B, bias)
+        save_xv = bool(need[3] or need[4])
+        y, h_k, xv = load_backend(backend).forward(x, U, S, Vh, A, B, bias, scale, save_xv)
+        keep_x = bool(need[5] or need[6])
+        keep_hk = bool(need[7])
+        ctx.backend, ctx.scale = backend, scale
+        ctx.has_delta, ctx.has_bias = A is not None, bias is not None
+        ctx.save_for_backward(x if keep_x else None, h_k if keep_hk else None, xv, U, S, Vh, A, B)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, h_k, xv, U, S, Vh, A, B = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        needs = (need[2], need[3], need[4], need[5], need[6] and ctx.has_delta,
+                 need[7] and ctx.has_delta, need[8] and ctx.has_bias)
+        if not any(needs):
+            return (None,) * 9
+        grads = load_backend(ctx.backend).backward(dy, x, h_k, xv, U, S, Vh, A, B, ctx.scale, needs)
+        return (None, None) + tuple(grads)
+
+
+def cersa_linear(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None = None,
+                 B: Tensor | None = None, bias: Tensor | None = None, scale: float = 1.0,
+                 backend: str | None = None) -> Tensor:
+    """y = x (U diag(S) Vh + scale * B A)^T + bias, without forming the (m, n) weight.
+
+    Shapes: x (..., n); U (m, r); S (r,); Vh (r, n); A (k, n); B (m, k); bias (m,) -> y (..., m).
+    r, k and the leading dimensions of x may be 0.  A and B are given together or not at all.
+    dtypes: all tensors share x's floating dtype (float32, float16, bfloat16, float64).  Under
+    torch.autocast for x's device, every tensor is cast to the autocast dtype first (the casts are
+    differentiable, so each gradient comes back in its own tensor's dtype) and y has that dtype;
+    otherwise y has x's dtype.  All tensors on one device.
+    Gradients: for x, A, B, S, bias, and U/Vh too when they require grad (DESIGN.md "Backward");
+    the backward saves x and the (N, k) product s x A^T like LoRA, plus (N, r) only when S or U
+    trains.  scale: a finite real number (the LoRA-style delta scale s).
+    backend: None picks the fastest available for x's device ($CERSA_BACKEND overrides), or one
+    of "reference", "cpp", "cuda", "triton" (see ``cersa_kernels.available_backends()``).
+    Raises TypeError/ValueError naming the argument, expected and received value for wrong
+    types, shapes, dtypes or devices; RuntimeError if the named backend cannot run here.
+    Math: DESIGN.md "Forward" / "Backward" (CERSA, arXiv 2605.08174, Sec. 3).
+    """
+    _check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x: expected at least 1 dimension (..., in_features), got a 0-D tensor")
+    _check_tensor("U", U, 2)
+    _check_tensor("S", S, 1)
+    _check_tensor("Vh", Vh, 2)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale: expected a finite real number, got {type(scale).__name__} {scale!r}")
+    scale = float(scale)
+    m, r = U.shape
+    n = Vh.shape[1]
+    _check_shape("S", S, (r,), f"(rank,) with rank = U.shape[1] = {r}")
+    _check_shape("Vh", Vh, (r, n), f"(rank, in_features) with rank = U.shape[1] = {r}")
+    if x.shape[-1] != n:
+        raise ValueError(f"x: expected last dimension in_features = Vh.shape[1] = {n}, "
+                         f"got shape {tuple(x.shape)}")
+    if (A is None) != (B is None):
+        raise ValueError(f"A and B: expected both or neither, got A={'None' if A is None else 'a tensor'}, "
+                         f"B={'None' if B is None else 'a tensor'}")
+    named = {"x": x, "U": U, "S": S, "Vh": Vh}
+    if A is not None:
+        _check_tensor("A", A, 2)
+        _check_tensor("B", B, 2)
+        k = A.shape[0]
+        _check_shape("A", A, (k, n), f"(delta_rank, in_features) with in_features = {n}")
+        _check_shape("B", B, (m, k), f"(out_features, delta_rank) with out_features = {m}, delta_rank = A.shape[0] = {k}")
+        named.update(A=A, B=B)
+    if bias is not None:
+        _check_tensor("bias", bias, 1)
+        _check_shape("bias", bias, (m,), f"(out_features,) with out_features = U.shape[0] = {m}")
+        named["bias"] = bias
+    for name, t in named.items():
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (x's device), got {t.device}")
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        x, U, S, Vh = (t.to(dtype) for t in (x, U, S, Vh))
+        A = A.to(dtype) if A is not None else None
+        B = B.to(dtype) if B is not None else None
+        bias = bias.to(dtype) if bias is not None else None
+    else:
+        for name, t in named.items():
+            if t.dtype != x.dtype:
+                raise TypeError(f"{name}: expected dtype {x.dtype} (x's dtype), got {t.dtype}; "
+                                f"cast the tensors or run under torch.autocast")
+    name = resolve_backend(backend, dev)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, n)
+    with torch.autocast(dev, enabled=False) if dev in ("cpu", "cuda") else contextlib.nullcontext():
+        y = _CersaLinearFunction.apply(name, scale, x2d, U, S, Vh, A, B, bias)
+    return y.reshape(*lead, m)

@@ -1,0 +1,74 @@
+// Shared argument checks of the cersa:: ops (CPU and CUDA implementations).
+//
+// The ops are public (other CERSA front ends call torch.ops.cersa.* directly), so each
+// implementation validates its arguments and names the argument, the expected and the
+// received value in the error.  Shapes follow DESIGN.md "Notation":
+//   x (N, n), U (m, r), S (r,), Vh (r, n), A (k, n), B (m, k), bias (m,), dy (N, m).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <sstream>
+#include <string>
+
+namespace cersa {
+
+inline bool present(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined();
+}
+
+inline std::string shape_str(const at::Tensor& t) {
+  std::ostringstream os;
+  os << t.sizes();
+  return os.str();
+}
+
+inline void check_tensor(const char* name, const at::Tensor& t, int64_t dim,
+                         const at::Tensor& like) {
+  TORCH_CHECK(t.defined(), "cersa: ", name, ": expected a tensor, got None");
+  TORCH_CHECK(t.dim() == dim, "cersa: ", name, ": expected a ", dim, "-D tensor, got shape ",
+              shape_str(t));
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "cersa: ", name, ": expected dtype ",
+              like.scalar_type(), " (x's dtype), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "cersa: ", name, ": expected device ", like.device(),
+              " (x's device), got ", t.device());
+}
+
+inline void check_size(const char* name, const at::Tensor& t, int64_t d, int64_t expected,
+                       const char* meaning) {
+  TORCH_CHECK(t.size(d) == expected, "cersa: ", name, ": expected size ", expected, " in dim ", d,
+              " (", meaning, "), got shape ", shape_str(t));
+}
+
+// Checks the factors shared by forward and backward; returns (m, r, n, k).
+inline void check_factors(const at::Tensor& like, const at::Tensor& U, const at::Tensor& S,
+                          const at::Tensor& Vh, const std::optional<at::Tensor>& A,
+                          const std::optional<at::Tensor>& B, int64_t& m, int64_t& r,
+                          int64_t& n, int64_t& k) {
+  auto st = like.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              "cersa: x: expected dtype float32, float64, float16 or bfloat16, got ", st);
+  check_tensor("U", U, 2, like);
+  check_tensor("S", S, 1, like);
+  check_tensor("Vh", Vh, 2, like);
+  m = U.size(0);
+  r = U.size(1);
+  n = Vh.size(1);
+  check_size("S", S, 0, r, "rank = U.size(1)");
+  check_size("Vh", Vh, 0, r, "rank = U.size(1)");
+  TORCH_CHECK(present(A) == present(B), "cersa: A and B: expected both or neither, got A ",
+              present(A) ? "given" : "None", " and B ", present(B) ? "given" : "None");
+  k = 0;
+  if (present(A)) {
+    check_tensor("A", *A, 2, like);
+    check_tensor("B", *B, 2, like);
+    k = A->size(0);
+    check_size("A", *A, 1, n, "in_features = Vh.size(1)");
+    check_size("B", *B, 0, m, "out_features = U.size(0)");
+    check_size("B", *B, 1, k, "delta_rank = A.size(0)");
+  }
+}
+
+}  // namespace cersa
