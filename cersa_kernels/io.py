@@ -17,15 +17,16 @@ import torch
 from torch import nn
 
 from . import __version__
-from .convert import CERSA_LAYERS, ConversionReport, LayerRecord, _set_module
-from .layers import CersaLinear
+from .convert import CERSA_LAYERS, ConversionReport, LayerRecord, _dense_numbers, _set_module, _stored, cersa_modules
+from .layers import CersaConv1D, CersaConv2d, CersaLinear, CersaMultiheadAttention
 
 __all__ = ["save", "load", "save_adapter", "load_adapter", "LAYER_TYPES"]
 
 FORMAT = "cersa_kernels"
 
 #: layer type name (in a file's config) -> class with from_config(cfg, device, dtype).
-LAYER_TYPES: dict[str, type] = {"CersaLinear": CersaLinear}
+LAYER_TYPES: dict[str, type] = {"CersaLinear": CersaLinear, "CersaConv1D": CersaConv1D, "CersaConv2d": CersaConv2d,
+                                "CersaMultiheadAttention": CersaMultiheadAttention}
 
 
 def _write_atomic(tensors: dict, metadata: dict, path) -> None:
@@ -47,7 +48,7 @@ def _write_atomic(tensors: dict, metadata: dict, path) -> None:
 
 
 def _cersa_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if n and isinstance(m, CERSA_LAYERS)}
+    return cersa_modules(model)
 
 
 def _dedup(state: dict) -> tuple[dict, dict]:
@@ -143,14 +144,13 @@ def load(path, model: nn.Module) -> nn.Module:
         if cls is None:
             problems.append(f"{name}: unknown layer type {cfg.get('type')!r} in the file")
             continue
-        w = getattr(old, "weight", None)
+        w = next((p for p in old.parameters(recurse=True)), None)
         if w is None:
             problems.append(f"{name}: expected a layer with a weight, got {type(old).__name__}")
             continue
         try:
-            new[name] = cls.from_config(cfg, device=w.device, dtype=w.dtype, like=old) if "like" in \
-                cls.from_config.__code__.co_varnames else cls.from_config(cfg, device=w.device, dtype=w.dtype)
-        except (TypeError, ValueError) as exc:
+            new[name] = cls.from_config(cfg, device=w.device, dtype=w.dtype, like=old)
+        except (TypeError, ValueError, KeyError) as exc:
             problems.append(f"{name}: {exc}")
     if problems:
         raise ValueError("model: cannot rebuild the saved CERSA layers: " + "; ".join(problems))
@@ -164,8 +164,6 @@ def load(path, model: nn.Module) -> nn.Module:
             expected[f"{n}.{k}"] = v.shape
     _check_keys(expected, tensors, f"checkpoint {os.fspath(path)!r}")
     for n, mod in new.items():
-        old = modules[n]
-        rec_m, rec_n = mod.out_features if hasattr(mod, "out_features") else 0, getattr(mod, "in_features", 0)
         _set_module(model, n, mod)
     model.load_state_dict(tensors, strict=True)
     trainable = set(json.loads(meta.get("trainable", "[]")))
@@ -174,9 +172,7 @@ def load(path, model: nn.Module) -> nn.Module:
     model.cersa_report = ConversionReport(layers=[
         LayerRecord(n, type(m).__name__, getattr(m, "out_features", 0), getattr(m, "in_features", 0), "converted",
                     "loaded", rank=m.rank, frozen_rank=m.frozen_rank, delta_rank=m.delta_rank, energy=m.energy,
-                    params_before=m.out_features * m.in_features,
-                    params_after=m.frozen_rank * (m.out_features + m.in_features + 1)
-                    + m.delta_rank * (m.out_features + m.in_features))
+                    params_before=_dense_numbers(m), params_after=_stored(m)[1])
         for n, m in new.items()])
     return model
 
@@ -217,9 +213,13 @@ def load_adapter(path, model: nn.Module) -> nn.Module:
             diffs.append(f"{name}: not a CERSA layer in the model")
             continue
         mine = mod.cersa_config()
-        for key in ("type", "in_features", "out_features", "frozen_rank", "delta_rank", "scale"):
-            if mine.get(key) != cfg.get(key):
-                diffs.append(f"{name}.{key}: file {cfg.get(key)!r} vs model {mine.get(key)!r}")
+        pairs = [(name, mine, cfg)]
+        if mine.get("type") == "CersaMultiheadAttention" and cfg.get("type") == mine.get("type"):
+            pairs += [(f"{name}.{p}", mine[p], cfg.get(p, {})) for p in ("in_proj", "out_proj")]
+        for where, a, b in pairs:
+            for key in ("type", "in_features", "out_features", "frozen_rank", "delta_rank", "scale"):
+                if key in a and a.get(key) != b.get(key):
+                    diffs.append(f"{where}.{key}: file {b.get(key)!r} vs model {a.get(key)!r}")
     if diffs:
         raise ValueError(f"adapter {os.fspath(path)!r} was saved from a differently converted model: "
                          + "; ".join(diffs))
@@ -227,7 +227,8 @@ def load_adapter(path, model: nn.Module) -> nn.Module:
     unexpected = sorted(set(tensors) - set(params))
     shapes = sorted(f"{k}: file {tuple(v.shape)} vs model {tuple(params[k].shape)}"
                     for k, v in tensors.items() if k in params and tuple(v.shape) != tuple(params[k].shape))
-    missing = sorted(f"{n}.{p}" for n, m in ours.items() for p in ("A", "B") if f"{n}.{p}" not in tensors)
+    missing = sorted(f"{n}.{p}" for n, m in model.named_modules() if n and isinstance(m, (CersaLinear, CersaConv2d))
+                     for p in ("A", "B") if f"{n}.{p}" not in tensors)
     if unexpected or shapes or missing:
         parts = [f"unexpected keys: {unexpected}"] if unexpected else []
         parts += [f"missing keys: {missing}"] if missing else []

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from .backends import backend_status, default_backend, load_backend
+from .backends import BACKEND_MODULES, backend_status, default_backend, load_backend
 
 __all__ = ["cersa_linear", "resolve_backend"]
 
@@ -27,9 +27,12 @@ def _check_tensor(name: str, t, dim: int | None = None) -> None:
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
 
 
-def _check_shape(name: str, t: Tensor, expected: tuple, meaning: str) -> None:
+def _check_shape(name: str, t: Tensor, expected: tuple, meaning) -> None:
+    """meaning: a callable returning the explanation, called only on failure.  Formatting a size
+    into a string under torch.compile(dynamic=True) would specialise it to its current value (and,
+    through duck sizing, any input size that happens to equal it, e.g. a sequence length)."""
     if tuple(t.shape) != tuple(expected):
-        raise ValueError(f"{name}: expected shape {tuple(expected)} {meaning}, got {tuple(t.shape)}")
+        raise ValueError(f"{name}: expected shape {tuple(expected)} {meaning()}, got {tuple(t.shape)}")
 
 
 @torch.compiler.assume_constant_result
@@ -37,17 +40,30 @@ def _default_backend_for(device_type: str) -> str:
     return default_backend(device_type)
 
 
+@torch.compiler.assume_constant_result
+def _backend_problem(name: str, device_type: str) -> str:
+    """"" when backend ``name`` runs on ``device_type``, else why not.  A constant for
+    torch.compile: the first call may import the backend module, which dynamo cannot trace."""
+    ok, why = backend_status(name, device_type)
+    return "" if ok else (why or "unavailable")
+
+
 def resolve_backend(backend: str | None, device_type: str) -> str:
     """The backend name used for tensors on ``device_type``.
 
     backend: None (the fastest available, or $CERSA_BACKEND), or one of "reference", "cpp",
-    "cuda", "triton".  Raises ValueError for an unknown name and RuntimeError, with the reason,
-    for a backend that cannot run here.
+    "cuda", "triton".  Raises TypeError for a non-str, ValueError for an unknown name and
+    RuntimeError, with the reason, for a backend that cannot run here.
     """
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend: expected None or one of {sorted(BACKEND_MODULES)}, "
+                        f"got {type(backend).__name__} {backend!r}")
     name = backend if backend is not None else _default_backend_for(device_type)
-    ok, why = backend_status(name, device_type)
-    if not ok:
-        source = "backend" if backend is not None else "CERSA_BACKEND"
+    source = "backend" if backend is not None else "CERSA_BACKEND"
+    if name not in BACKEND_MODULES:
+        raise ValueError(f"{source}: expected None or one of {sorted(BACKEND_MODULES)}, got {name!r}")
+    why = _backend_problem(name, device_type)
+    if why:
         raise RuntimeError(f"{source}: {name!r} cannot run on {device_type!r} tensors here: {why}")
     return name
 
@@ -106,13 +122,16 @@ def cersa_linear(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None =
     _check_tensor("U", U, 2)
     _check_tensor("S", S, 1)
     _check_tensor("Vh", Vh, 2)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale: expected a finite real number, got {type(scale).__name__} {scale!r}")
-    scale = float(scale)
+    # A comparison, not math.isfinite: under torch.compile(dynamic=True) a module's float
+    # attribute arrives as a SymFloat, which math.isfinite cannot take (NaN and +-inf fail it too).
+    if not abs(scale) < math.inf:
+        raise TypeError(f"scale: expected a finite real number, got {scale!r}")
     m, r = U.shape
     n = Vh.shape[1]
-    _check_shape("S", S, (r,), f"(rank,) with rank = U.shape[1] = {r}")
-    _check_shape("Vh", Vh, (r, n), f"(rank, in_features) with rank = U.shape[1] = {r}")
+    _check_shape("S", S, (r,), lambda: f"(rank,) with rank = U.shape[1] = {r}")
+    _check_shape("Vh", Vh, (r, n), lambda: f"(rank, in_features) with rank = U.shape[1] = {r}")
     if x.shape[-1] != n:
         raise ValueError(f"x: expected last dimension in_features = Vh.shape[1] = {n}, "
                          f"got shape {tuple(x.shape)}")
@@ -124,12 +143,12 @@ def cersa_linear(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None =
         _check_tensor("A", A, 2)
         _check_tensor("B", B, 2)
         k = A.shape[0]
-        _check_shape("A", A, (k, n), f"(delta_rank, in_features) with in_features = {n}")
-        _check_shape("B", B, (m, k), f"(out_features, delta_rank) with out_features = {m}, delta_rank = A.shape[0] = {k}")
+        _check_shape("A", A, (k, n), lambda: f"(delta_rank, in_features) with in_features = {n}")
+        _check_shape("B", B, (m, k), lambda: f"(out_features, delta_rank) with out_features = {m}, delta_rank = A.shape[0] = {k}")
         named.update(A=A, B=B)
     if bias is not None:
         _check_tensor("bias", bias, 1)
-        _check_shape("bias", bias, (m,), f"(out_features,) with out_features = U.shape[0] = {m}")
+        _check_shape("bias", bias, (m,), lambda: f"(out_features,) with out_features = U.shape[0] = {m}")
         named["bias"] = bias
     for name, t in named.items():
         if t.device != x.device:
@@ -151,4 +170,8 @@ def cersa_linear(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None =
     x2d = x.reshape(-1, n)
     with torch.autocast(dev, enabled=False) if dev in ("cpu", "cuda") else contextlib.nullcontext():
         y = _CersaLinearFunction.apply(name, scale, x2d, U, S, Vh, A, B, bias)
-    return y.reshape(*lead, m)
+    if x.dim() == 2:
+        return y
+    # A fresh tensor, not a view of the (N, m) result (as torch.matmul does for N-D inputs): FSDP2
+    # warns that an in-place op on a view a wrapped module returns would skip its backward hook.
+    return torch.ops.aten._unsafe_view(y, (*lead, m))

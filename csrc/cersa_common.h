@@ -25,13 +25,24 @@ inline std::string shape_str(const at::Tensor& t) {
   return os.str();
 }
 
+// torch's Python spelling of a dtype, as the user wrote it (torch.float32, not "Float").
+inline const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    default: return c10::toString(t);
+  }
+}
+
 inline void check_tensor(const char* name, const at::Tensor& t, int64_t dim,
                          const at::Tensor& like) {
   TORCH_CHECK(t.defined(), "cersa: ", name, ": expected a tensor, got None");
   TORCH_CHECK(t.dim() == dim, "cersa: ", name, ": expected a ", dim, "-D tensor, got shape ",
               shape_str(t));
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), "cersa: ", name, ": expected dtype ",
-              like.scalar_type(), " (x's dtype), got ", t.scalar_type());
+              dtype_name(like.scalar_type()), " (x's dtype), got ", dtype_name(t.scalar_type()));
   TORCH_CHECK(t.device() == like.device(), "cersa: ", name, ": expected device ", like.device(),
               " (x's device), got ", t.device());
 }
@@ -49,7 +60,8 @@ inline void check_factors(const at::Tensor& like, const at::Tensor& U, const at:
                           int64_t& n, int64_t& k) {
   auto st = like.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              "cersa: x: expected dtype float32, float64, float16 or bfloat16, got ", st);
+              "cersa: x: expected dtype torch.float32, torch.float64, torch.float16 or torch.bfloat16, got ",
+              dtype_name(st));
   check_tensor("U", U, 2, like);
   check_tensor("S", S, 1, like);
   check_tensor("Vh", Vh, 2, like);

@@ -16,7 +16,7 @@ forward 1  h_r = (x Vh^T) * S, h_k = s x A^T, [xv = x Vh^T]             ``_seg_c
 forward 2  y = h_r U^T + h_k B^T + bias                                ``_seg_k``
 backward 1 g_r = (dy U) * S, g_k = s dy B, [dS = sum(xv * dy U)]       ``_seg_cols``
 backward 2 dx = g_r Vh + g_k A                                         ``_seg_k``
-backward 3 dVh = g_r^T x, dA = g_k^T x                                 ``_seg_cols``
+backward 3 dVh = g_r^T x, dA = g_k^T x                                 ``_seg_rows``
 backward 4 dU = dy^T (xv S), dB = dy^T h_k, dbias = sum_rows(dy)       ``_seg_cols``
 =========  ==========================================================  ==================
 
@@ -103,13 +103,17 @@ def _backward_impl(dy, x, h_k, xv, U, S, Vh, A, B, scale, needs):
     if (need_U or need_S) and xv is None:
         raise ValueError("cersa_linear(backend='triton') backward: the gradient of U or S needs xv = x Vh^T, "
                          "but forward was run with save_xv=False")
-    N, n = x.shape
+    if (need_Vh or need_A) and x is None:
+        raise ValueError("cersa_linear(backend='triton') backward: the gradient of Vh or A needs x, got None")
+    if need_B and h_k is None:
+        raise ValueError("cersa_linear(backend='triton') backward: the gradient of B needs h_k, got None")
+    N, n = dy.shape[0], Vh.shape[1]
     m, r = U.shape
     k = A.shape[0] if has_delta else 0
     dev, dt = dy.device, dy.dtype
     acc_dt = _k.acc_dtype(dt)
-    empty = dy.new_empty((0,))
-    dx = dU = dS = dVh = dA = dB = dbias = empty
+    # distinct empty tensors for the gradients not needed (custom-op outputs may not alias)
+    dx, dU, dS, dVh, dA, dB, dbias = (dy.new_empty((0,)) for _ in range(7))
 
     need_gr = need_x or need_Vh or need_S
     need_gk = has_delta and (need_x or need_A)
@@ -122,7 +126,7 @@ def _backward_impl(dy, x, h_k, xv, U, S, Vh, A, B, scale, needs):
                     S1=S, alpha2=float(scale),
                     red=dS_acc, aux=(xv if need_S else None))
     if need_x:
-        dx = torch.empty((N, n), device=dev, dtype=x.dtype)
+        dx = torch.empty((N, n), device=dev, dtype=dt)
         # launch 2: dx = g_r Vh + g_k A
         if need_gk:
             _k.seg_k(g_r, Vh, g_k, A, dx)
@@ -131,18 +135,18 @@ def _backward_impl(dy, x, h_k, xv, U, S, Vh, A, B, scale, needs):
     if need_S:
         dS = dS_acc.to(S.dtype)
     if need_Vh or need_A:
-        # launch 3: [dVh^T | dA^T] = x^T [g_r | g_k]; outputs written through transposed strides
-        dVh_t = torch.empty((r if need_Vh else 0, n), device=dev, dtype=Vh.dtype)
-        dA_t = torch.empty((k if need_A else 0, n), device=dev, dtype=dt)
+        # launch 3: [dVh; dA] = [g_r^T; g_k^T] x, both written row-major
+        dVh_ = torch.empty((r if need_Vh else 0, n), device=dev, dtype=Vh.dtype)
+        dA_ = torch.empty((k if need_A else 0, n), device=dev, dtype=dt)
         if N == 0:
-            dVh_t.zero_()
-            dA_t.zero_()
+            dVh_.zero_()
+            dA_.zero_()
         else:
-            _k.seg_cols(x.t(), g_r[:, :dVh_t.shape[0]], g_k[:, :dA_t.shape[0]], dVh_t.t(), dA_t.t())
+            _k.seg_rows(g_r[:, :dVh_.shape[0]].t(), g_k[:, :dA_.shape[0]].t(), x, dVh_, dA_)
         if need_Vh:
-            dVh = dVh_t
+            dVh = dVh_
         if need_A:
-            dA = dA_t
+            dA = dA_
     if need_U or need_B or need_bias:
         dU_ = torch.empty((m, r if need_U else 0), device=dev, dtype=U.dtype)
         dB_ = torch.empty((m, k if need_B else 0), device=dev, dtype=dt)
@@ -188,7 +192,7 @@ def _forward_fake(x, U, S, Vh, A, B, bias, scale, save_xv):
 
 
 @torch.library.custom_op("cersa_kernels::triton_backward", mutates_args=())
-def _backward_op(dy: Tensor, x: Tensor, h_k: Tensor | None, xv: Tensor | None, U: Tensor, S: Tensor,
+def _backward_op(dy: Tensor, x: Tensor | None, h_k: Tensor | None, xv: Tensor | None, U: Tensor, S: Tensor,
                  Vh: Tensor, A: Tensor | None, B: Tensor | None, scale: float,
                  needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dU, dS, dVh, dA, dB, dbias); a gradient that is not needed is an empty (0,) tensor."""
@@ -199,14 +203,15 @@ def _backward_op(dy: Tensor, x: Tensor, h_k: Tensor | None, xv: Tensor | None, U
 def _backward_fake(dy, x, h_k, xv, U, S, Vh, A, B, scale, needs):
     need_x, need_U, need_S, need_Vh, need_A, need_B, need_bias = needs
     has_delta = A is not None
-    e = dy.new_empty((0,))
-    return (x.new_empty(x.shape) if need_x else e,
-            U.new_empty(U.shape) if need_U else e,
-            S.new_empty(S.shape) if need_S else e,
-            Vh.new_empty(Vh.shape) if need_Vh else e,
-            A.new_empty(A.shape) if (need_A and has_delta) else e,
-            B.new_empty(B.shape) if (need_B and has_delta) else e,
-            dy.new_empty((dy.shape[1],)) if need_bias else e)
+    def e():
+        return dy.new_empty((0,))
+    return (dy.new_empty((dy.shape[0], Vh.shape[1])) if need_x else e(),
+            U.new_empty(U.shape) if need_U else e(),
+            S.new_empty(S.shape) if need_S else e(),
+            Vh.new_empty(Vh.shape) if need_Vh else e(),
+            A.new_empty(A.shape) if (need_A and has_delta) else e(),
+            B.new_empty(B.shape) if (need_B and has_delta) else e(),
+            dy.new_empty((dy.shape[1],)) if need_bias else e())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +229,7 @@ def forward(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None, B: Te
     return y, (h_k if A is not None else None), (xv if save_xv else None)
 
 
-def backward(dy: Tensor, x: Tensor, h_k: Tensor | None, xv: Tensor | None, U: Tensor, S: Tensor,
+def backward(dy: Tensor, x: Tensor | None, h_k: Tensor | None, xv: Tensor | None, U: Tensor, S: Tensor,
              Vh: Tensor, A: Tensor | None, B: Tensor | None, scale: float, needs):
     """Backend contract backward (see :mod:`cersa_kernels.backends`): returns the 7-tuple
     (dx, dU, dS, dVh, dA, dB, dbias) with None where not needed.  At most four kernel launches.

@@ -30,6 +30,8 @@ ragged edges; a launch with an empty grid is skipped (zero rows launch nothing).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -66,39 +68,61 @@ def _cfg(bm, bn, bk, warps, stages, group=8):
 
 
 #: GPU configurations.  Large tiles with deep pipelines for Hopper (H100/H200: 228 KiB smem,
-#: wgmma wants BM>=64 and 8 warps), 32-deep K tiles for Ampere (A100: 164 KiB smem), and
-#: skinny-M tiles for decode-like inputs (N = 1..64 rows).  Pruned per launch by shared memory
-#: and by M (see _prune); one configuration under the interpreter.
-GPU_CONFIGS = [
-    # Hopper-sized
+#: wgmma wants BM >= 64 and 8 warps), 32-deep K tiles for Ampere (A100: 164 KiB smem), and
+#: skinny-M tiles for decode-like inputs (N = 1..64 rows).  Each launch keeps the family of its
+#: device (capability >= 9: Hopper, else Ampere) plus the skinny family, minus the configurations
+#: that exceed shared memory or whose BM is far larger than M (see _prune).  One configuration
+#: under the interpreter.
+HOPPER_CONFIGS = [
     _cfg(128, 256, 64, 8, 3),
     _cfg(256, 128, 64, 8, 3),
     _cfg(128, 128, 64, 8, 4),
     _cfg(128, 128, 64, 4, 4),
-    # Ampere-sized
+    _cfg(128, 128, 32, 8, 3),    # fp32 inputs (TF32 / IEEE)
+    _cfg(128, 64, 32, 4, 4),     # fits for fp64 inputs
+]
+AMPERE_CONFIGS = [
     _cfg(128, 128, 32, 4, 4),
     _cfg(128, 64, 32, 4, 4),
     _cfg(64, 128, 32, 4, 4),
     _cfg(64, 64, 64, 4, 4),
-    # skinny M (N tokens small)
+    _cfg(64, 64, 32, 4, 3),      # fits for fp64 inputs
+]
+SKINNY_CONFIGS = [
     _cfg(16, 64, 128, 4, 4),
     _cfg(16, 128, 128, 4, 3),
     _cfg(32, 128, 64, 4, 4),
 ]
+GPU_CONFIGS = HOPPER_CONFIGS + AMPERE_CONFIGS + SKINNY_CONFIGS
+_HOPPER_IDS = {id(c) for c in HOPPER_CONFIGS}
+_AMPERE_IDS = {id(c) for c in AMPERE_CONFIGS}
+_AUTOTUNE = [os.environ.get("CERSA_TRITON_AUTOTUNE", "1") != "0"]
+
+
+def set_autotune(flag: bool) -> None:
+    """Benchmark the candidate configurations of each new shape (True, the default; env
+    CERSA_TRITON_AUTOTUNE=0 turns it off) or take the first one that fits (False: one compile per
+    kernel variant, for quick correctness runs)."""
+    if not isinstance(flag, bool):
+        raise TypeError(f"set_autotune: expected bool, got {type(flag).__name__}")
+    _AUTOTUNE[0] = flag
+
+
 #: the one configuration used by the interpreter (small blocks so that the tests' odd sizes
 #: span several tiles and every ragged edge is exercised).
 INTERP_CONFIG = _cfg(16, 16, 16, 1, 1, group=2)
 
 
-def _smem_limit() -> int:
+def _device_limits() -> tuple[int, int]:
+    """(shared memory per block in bytes, compute capability major) of the current CUDA device."""
     try:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        return int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
+        return int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024), int(props.major)
     except Exception:
-        return 99 * 1024
+        return 99 * 1024, 8
 
 
-_SMEM: list[int] = []
+_LIMITS: list[tuple[int, int]] = []
 
 
 def _elt_size(named_args) -> int:
@@ -109,19 +133,34 @@ def _elt_size(named_args) -> int:
     return 2
 
 
+def _smem(c, esize: int) -> int:
+    """Shared memory of a configuration's software pipeline (bytes), as Triton allocates it for
+    one K loop: num_stages copies of the (BM, BK) and (BK, BN) operand tiles."""
+    kw = c.kwargs
+    return c.num_stages * (kw["BM"] * kw["BK"] + kw["BK"] * kw["BN"]) * esize
+
+
 def _prune(configs, named_args, **kwargs):
     """Keep configurations whose pipelined tiles fit in shared memory and whose BM is not far
     larger than M (skinny inputs); never returns an empty list."""
-    if not _SMEM:
-        _SMEM.append(_smem_limit())
+    if not _LIMITS:
+        _LIMITS.append(_device_limits())
+    smem_limit, major = _LIMITS[0]
+    family = _HOPPER_IDS if major >= 9 else _AMPERE_IDS
     esize = _elt_size(named_args)
-    m = int(named_args.get("M", 1 << 30))
+    if "M" in named_args:
+        m = int(named_args["M"])
+    elif "M1" in named_args:
+        m = int(named_args["M1"]) + int(named_args["M2"])
+    else:
+        m = 1 << 30
     mcap = max(16, triton.next_power_of_2(max(m, 1)))
     out = []
     for c in configs:
         kw = c.kwargs
-        smem = c.num_stages * (kw["BM"] * kw["BK"] + kw["BK"] * kw["BN"]) * esize
-        if smem > _SMEM[0]:
+        if kw["BM"] >= 64 and id(c) not in family:
+            continue
+        if _smem(c, esize) > smem_limit:
             continue
         if kw["BM"] > 2 * mcap:
             continue
@@ -130,6 +169,12 @@ def _prune(configs, named_args, **kwargs):
         out.append(c)
     if not out:
         out = [min(configs, key=lambda c: c.num_stages * (c.kwargs["BM"] + c.kwargs["BN"]) * c.kwargs["BK"])]
+    if not _AUTOTUNE[0]:
+        # no benchmarking: the first configuration that fits even if the compiler gives each of
+        # the kernel's two K loops its own pipeline buffers (twice the estimate); skinny for small M.
+        order = out if m > 256 else out[::-1]
+        safe = [c for c in order if 2 * _smem(c, esize) <= smem_limit]
+        return (safe or order)[:1]
     return out
 
 
@@ -159,6 +204,17 @@ def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (pid % width) % gsize
     pid_n = (pid % width) // gsize
     return pid_m, pid_n
+
+
+@triton.jit
+def _rne(v, FIX_BF16: tl.constexpr):
+    """v, pre-rounded to the nearest bf16 (ties to even) when FIX_BF16: the interpreter's
+    fp32 -> bf16 cast truncates, the GPU's rounds to nearest; a no-op otherwise."""
+    if FIX_BF16:
+        b = v.to(tl.float32).to(tl.uint32, bitcast=True)
+        b = (b + (((b >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        v = b.to(tl.float32, bitcast=True)
+    return v
 
 
 @triton.jit
@@ -195,7 +251,7 @@ def _seg_cols_kernel(
     alpha2, M_BUCKET,
     HAS_S1: tl.constexpr, WRITE_RAW: tl.constexpr, HAS_RED: tl.constexpr, HAS_RS: tl.constexpr,
     HAS_ALPHA: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, FIX_BF16: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C1 = epi1(P @ Q1) (M, N1) and C2 = alpha2 * (P @ Q2) (M, N2) in one launch."""
@@ -218,7 +274,7 @@ def _seg_cols_kernel(
         mask = mask_m[:, None] & mask_n[None, :]
         if WRITE_RAW:
             tl.store(XR + offs_m64[:, None] * s_xrm + offs_n[None, :] * s_xrn,
-                     acc.to(XR.dtype.element_ty), mask=mask)
+                     _rne(acc, FIX_BF16).to(XR.dtype.element_ty), mask=mask)
         if HAS_RED:
             aux = tl.load(AUX + offs_m64[:, None] * s_am + offs_n[None, :] * s_an, mask=mask, other=0.0)
             tl.atomic_add(RED + offs_n, tl.sum(aux.to(ACC_DTYPE) * acc, axis=0), mask=mask_n)
@@ -226,7 +282,7 @@ def _seg_cols_kernel(
             s = tl.load(S1 + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)
             acc = acc * s[None, :]
         tl.store(C1 + offs_m64[:, None] * s_c1m + offs_n[None, :] * s_c1n,
-                 acc.to(C1.dtype.element_ty), mask=mask)
+                 _rne(acc, FIX_BF16).to(C1.dtype.element_ty), mask=mask)
     else:
         # ---- segment 2: trainable factor (A^T, B, h_k, g_k, ...) ----
         offs_n = (pid_n - t1) * BN + tl.arange(0, BN)
@@ -236,7 +292,7 @@ def _seg_cols_kernel(
         if HAS_ALPHA:
             acc = acc * alpha2
         tl.store(C2 + offs_m64[:, None] * s_c2m + offs_n[None, :] * s_c2n,
-                 acc.to(C2.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+                 _rne(acc, FIX_BF16).to(C2.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
     if HAS_RS:
         # fused row sums of P (dbias); the first column tile of each row tile writes them.
         if pid_n == 0:
@@ -250,7 +306,7 @@ def _seg_k_kernel(
     s_p1m, s_p1k, s_q1k, s_q1n, s_p2m, s_p2k, s_q2k, s_q2n, s_cm, s_cn,
     M_BUCKET,
     HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, FIX_BF16: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C (M, N) = P1 @ Q1 + P2 @ Q2 (+ bias), both K segments in one accumulator."""
@@ -272,7 +328,56 @@ def _seg_k_kernel(
         b = tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)
         acc = acc + b[None, :]
     tl.store(C + offs_m.to(tl.int64)[:, None] * s_cm + offs_n[None, :] * s_cn,
-             acc.to(C.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+             _rne(acc, FIX_BF16).to(C.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# The segment's sizes and non-unit strides are merged across an if/else before the single K loop,
+# so they must not be specialised to the constant 1 in one segment only (e.g. r = 1, k = 16).
+@triton.jit(do_not_specialize=["M1", "M2", "s_p1k", "s_p2k", "s_c1m", "s_c2m"])
+def _seg_rows_kernel(
+    P1, P2, Q, C1, C2,
+    M1, M2, N, K,
+    s_p1m, s_p1k, s_p2m, s_p2k, s_qk, s_qn, s_c1m, s_c1n, s_c2m, s_c2n,
+    M_BUCKET,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, FIX_BF16: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C1 (M1, N) = P1 @ Q and C2 (M2, N) = P2 @ Q in one launch (row tiles aligned to the two
+    segments); used for [dVh; dA] = [g_r^T; g_k^T] x so that both are written row-major."""
+    pid = tl.program_id(0)
+    t1 = tl.cdiv(M1, BM)
+    num_m = t1 + tl.cdiv(M2, BM)
+    num_n = tl.cdiv(N, BN)
+    pid_m, pid_n = _tile_ids(pid, num_m, num_n, GROUP_M)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < N
+    acc = tl.zeros((BM, BN), dtype=ACC_DTYPE)
+    rs = tl.zeros((BM,), dtype=ACC_DTYPE)
+    # one K loop for both segments (two pipelined loops would double the shared memory): pick the
+    # segment's operand, strides and output before the loop.
+    if pid_m < t1:
+        P = P1
+        s_pm = s_p1m
+        s_pk = s_p1k
+        C = C1
+        s_cm = s_c1m
+        s_cn = s_c1n
+        rows = M1
+        row0 = pid_m * BM
+    else:
+        P = P2
+        s_pm = s_p2m
+        s_pk = s_p2k
+        C = C2
+        s_cm = s_c2m
+        s_cn = s_c2n
+        rows = M2
+        row0 = (pid_m - t1) * BM
+    offs_m = row0 + tl.arange(0, BM)
+    acc, rs = _dot_loop(acc, rs, P, Q, offs_m, offs_n, rows, N, K, s_pm, s_pk, s_qk, s_qn,
+                        False, UPCAST, PRECISION, BK)
+    tl.store(C + offs_m.to(tl.int64)[:, None] * s_cm + offs_n[None, :] * s_cn,
+             _rne(acc, FIX_BF16).to(C.dtype.element_ty), mask=(offs_m < rows)[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -297,6 +402,7 @@ INTERPRETED = isinstance(_seg_k_kernel, InterpretedFunction)
 
 _seg_cols = _make_autotuned(_seg_cols_kernel, key=["M_BUCKET", "N1", "N2", "K"], reset_to_zero=["RED"])
 _seg_k = _make_autotuned(_seg_k_kernel, key=["M_BUCKET", "N", "K1", "K2"])
+_seg_rows = _make_autotuned(_seg_rows_kernel, key=["M_BUCKET", "N", "K"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +422,10 @@ def _flags(dtype: torch.dtype):
     else:
         prec = "tf32" if not INTERPRETED else "ieee"
     return tl.float32, upcast, prec
+
+
+def _fix_bf16(out_dtype: torch.dtype) -> bool:
+    return INTERPRETED and out_dtype == torch.bfloat16
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -360,7 +470,7 @@ def seg_cols(P, Q1, Q2, C1, C2, *, S1=None, alpha2=None, raw_out=None, red=None,
         float(alpha2) if alpha2 is not None else 1.0, _bucket(M),
         HAS_S1=S1 is not None, WRITE_RAW=raw_out is not None, HAS_RED=red is not None,
         HAS_RS=rowsum is not None, HAS_ALPHA=alpha2 is not None and alpha2 != 1.0,
-        ACC_DTYPE=acc, UPCAST=upcast, PRECISION=prec,
+        ACC_DTYPE=acc, UPCAST=upcast, PRECISION=prec, FIX_BF16=_fix_bf16(dummy.dtype),
     )
 
 
@@ -387,6 +497,32 @@ def seg_k(P1, Q1, P2, Q2, C, bias=None):
         P2.stride(0), P2.stride(1), Q2.stride(0), Q2.stride(1), C.stride(0), C.stride(1),
         _bucket(M),
         HAS_BIAS=bias is not None, ACC_DTYPE=acc, UPCAST=upcast, PRECISION=prec,
+        FIX_BF16=_fix_bf16(C.dtype),
+    )
+
+
+def seg_rows(P1, P2, Q, C1, C2):
+    """C1 (M1, N) = P1 @ Q, C2 (M2, N) = P2 @ Q; P1 (M1, K), P2 (M2, K), Q (K, N); any strides;
+    either segment may have 0 rows."""
+    global LAUNCHES
+    M1, K = P1.shape
+    M2 = P2.shape[0]
+    N = Q.shape[1]
+    if M1 + M2 == 0 or N == 0:
+        return
+    acc, upcast, prec = _flags(Q.dtype)
+
+    def grid(meta):
+        return ((triton.cdiv(M1, meta["BM"]) + triton.cdiv(M2, meta["BM"])) * triton.cdiv(N, meta["BN"]),)
+
+    LAUNCHES += 1
+    _seg_rows[grid](
+        P1, P2, Q, C1, C2,
+        M1, M2, N, K,
+        P1.stride(0), P1.stride(1), P2.stride(0), P2.stride(1), Q.stride(0), Q.stride(1),
+        C1.stride(0), C1.stride(1), C2.stride(0), C2.stride(1),
+        _bucket(M1 + M2),
+        ACC_DTYPE=acc, UPCAST=upcast, PRECISION=prec, FIX_BF16=_fix_bf16(C1.dtype),
     )
 
 

@@ -1,0 +1,321 @@
+"""Tests of the Triton backend (cersa_kernels/backends/triton) against the float64 reference.
+
+On a machine without a GPU the kernels run under the Triton interpreter: TRITON_INTERPRET=1 must
+be set before triton is first imported in the process (tests/conftest.py does that when no CUDA
+device is visible; the fallback below covers running this file alone).  On a GPU the same tests
+run the compiled kernels.
+
+Error metric: max |out - ref| / max |ref| (ref computed in float64 from the same, already rounded,
+inputs).  Bounds per dtype: fp64 1e-12, fp32 1e-5 (2e-3 when TF32 is on, GPU only), fp16 2e-3,
+bf16 1.5e-2 (the intermediates h and dh are stored in the input dtype, like the reference backend).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zlib
+
+import torch
+
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+
+from cersa_kernels.backends import reference as ref  # noqa: E402
+from cersa_kernels.backends import triton as tb  # noqa: E402
+from cersa_kernels.backends.triton import kernels as tk  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_ok, _why = tb.is_available(DEVICE)
+pytestmark = pytest.mark.skipif(not _ok, reason=f"Triton backend cannot run here: {_why}")
+
+GRAD_NAMES = ("dx", "dU", "dS", "dVh", "dA", "dB", "dbias")
+
+
+def tol(dtype: torch.dtype) -> float:
+    if dtype == torch.float64:
+        return 1e-12
+    if dtype == torch.float32:
+        return 2e-3 if (DEVICE == "cuda" and tb.tf32_enabled() and not tb.INTERPRETED) else 1e-5
+    if dtype == torch.float16:
+        return 2e-3
+    return 1.5e-2
+
+
+def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
+    assert out.shape == want.shape, (out.shape, want.shape)
+    if want.numel() == 0:
+        return 0.0
+    scale = want.abs().max().item()
+    return (out.double() - want).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def make(N, n, m, r, k, dtype, *, delta=True, bias=True, gen=None):
+    """Fresh random factors (never zeros); S positive and spread like singular values."""
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
+    x = rnd(N, n)
+    U, Vh = rnd(m, r), rnd(r, n)
+    S = (torch.rand(r, generator=gen, dtype=torch.float64) * 2 + 0.5).to(dtype).to(DEVICE)
+    A = rnd(k, n) if delta else None
+    B = rnd(m, k) if delta else None
+    b = rnd(m) if bias else None
+    return x, U, S, Vh, A, B, b
+
+
+def d64(t):
+    return None if t is None else t.double()
+
+
+def check_against_reference(x, U, S, Vh, A, B, b, scale, dy=None, needs=(True,) * 7):
+    """Run forward+backward of the Triton backend and of the float64 reference; assert every
+    output and every needed gradient is within the dtype's bound, and None where not needed."""
+    dtype = x.dtype
+    if b is None:  # like cersa_kernels.ops: no dbias is asked for when there is no bias
+        needs = tuple(needs[:6]) + (False,)
+    save_xv = needs[1] or needs[2]
+    y, h_k, xv = tb.forward(x, U, S, Vh, A, B, b, scale, save_xv)
+    y_r, hk_r, xv_r = ref.forward(*map(d64, (x, U, S, Vh, A, B, b)), scale, True)
+    assert y.dtype == dtype and y.shape == (x.shape[0], U.shape[0])
+    assert rel_err(y, y_r) <= tol(dtype), f"y: {rel_err(y, y_r)}"
+    if A is None:
+        assert h_k is None
+    else:
+        assert h_k.dtype == dtype and rel_err(h_k, hk_r) <= tol(dtype), "h_k"
+    if save_xv:
+        assert rel_err(xv, xv_r) <= tol(dtype), "xv"
+    else:
+        assert xv is None
+    if dy is None:
+        dy = torch.randn(y.shape, dtype=torch.float64).to(dtype).to(DEVICE)
+    grads = tb.backward(dy, x, h_k, xv, U, S, Vh, A, B, scale, needs)
+    want = ref.backward(dy.double(), x.double(), hk_r, xv_r, *map(d64, (U, S, Vh, A, B)), scale, needs)
+    owners = (x, U, S, Vh, A, B, b)
+    for name, g, w, need, owner in zip(GRAD_NAMES, grads, want, needs, owners):
+        if not need or owner is None:
+            assert g is None, f"{name} should be None"
+            continue
+        assert g is not None, name
+        assert g.shape == owner.shape and g.dtype == owner.dtype, (name, g.shape, g.dtype)
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, w) <= tol(dtype), f"{name}: {rel_err(g, w)} > {tol(dtype)}"
+    return y, grads
+
+
+# (N rows, n in, m out, r frozen rank, k delta rank); none of them multiples of the block sizes
+# except where a segment must span several tiles (the interpreter config uses 16x16x16 tiles).
+SHAPES = {
+    "odd": (37, 45, 29, 7, 3),
+    "one_row": (1, 45, 29, 7, 3),
+    "zero_rows": (0, 45, 29, 7, 3),
+    "multi_tile": (40, 33, 50, 40, 19),
+    "rank0": (5, 20, 18, 0, 4),
+}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+VARIANTS = {"bias+delta": dict(delta=True, bias=True), "nobias": dict(delta=True, bias=False),
+            "A=None": dict(delta=False, bias=True)}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_forward_backward_vs_fp64(shape, dtype, variant):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{shape}/{dtype}/{variant}".encode()))
+    x, U, S, Vh, A, B, b = make(*SHAPES[shape], dtype, gen=gen, **VARIANTS[variant])
+    check_against_reference(x, U, S, Vh, A, B, b, scale=0.75)
+
+
+def test_float64_matches_reference_tightly():
+    gen = torch.Generator().manual_seed(1)
+    x, U, S, Vh, A, B, b = make(37, 45, 29, 7, 3, torch.float64, gen=gen)
+    check_against_reference(x, U, S, Vh, A, B, b, scale=1.3)
+
+
+@pytest.mark.parametrize("needs", [
+    (True, False, False, False, True, True, True),    # typical fine-tuning: x, A, B, bias
+    (False, False, False, False, True, True, False),  # first layer: no dx
+    (True, False, True, False, False, False, False),  # S trains
+    (False, True, False, True, False, False, False),  # frozen factors trained too
+    (False, False, False, False, False, False, True),  # only dbias (colsum kernel)
+], ids=["x_A_B_bias", "A_B", "x_S", "U_Vh", "bias_only"])
+def test_gradient_subsets(needs):
+    gen = torch.Generator().manual_seed(2)
+    x, U, S, Vh, A, B, b = make(23, 19, 21, 9, 5, torch.float32, gen=gen)
+    check_against_reference(x, U, S, Vh, A, B, b, scale=0.5, needs=needs)
+
+
+def _padded_view(t: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """A view of t's values inside a NaN-filled buffer with gaps between rows and columns
+    (and optionally stored transposed): any unmasked or mis-strided access reads NaN."""
+    rows, cols = t.shape
+    if transpose:
+        buf = torch.full((cols + 3, 2 * rows + 5), float("nan"), dtype=t.dtype, device=t.device)
+        v = buf[1:cols + 1, 2:2 + 2 * rows:2].t()
+    else:
+        buf = torch.full((rows + 3, 2 * cols + 5), float("nan"), dtype=t.dtype, device=t.device)
+        v = buf[1:rows + 1, 3:3 + 2 * cols:2]
+    v.copy_(t)
+    assert not v.is_contiguous() or t.numel() <= 1
+    return v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_non_contiguous_inputs_and_grad_output(dtype):
+    gen = torch.Generator().manual_seed(3)
+    x, U, S, Vh, A, B, b = make(37, 45, 29, 7, 3, dtype, gen=gen)
+    dy = torch.randn(37, 29, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
+    views = [_padded_view(x, False), _padded_view(U, True), S, _padded_view(Vh, True),
+             _padded_view(A, False), _padded_view(B, True), b]
+    y, grads = check_against_reference(*views, scale=0.9, dy=_padded_view(dy, True))
+    assert torch.isfinite(y).all()
+
+
+def test_zero_rows_launch_nothing():
+    x, U, S, Vh, A, B, b = make(0, 45, 29, 7, 3, torch.float32)
+    before = tk.LAUNCHES
+    y, h_k, xv = tb.forward(x, U, S, Vh, A, B, b, 0.5, True)
+    dy = torch.empty(0, 29, device=DEVICE)
+    grads = tb.backward(dy, x, h_k, xv, U, S, Vh, A, B, 0.5, (True,) * 7)
+    assert tk.LAUNCHES == before
+    assert y.shape == (0, 29) and h_k.shape == (0, 3) and xv.shape == (0, 7)
+    assert grads[0].shape == (0, 45)
+    for g, owner in zip(grads[1:], (U, S, Vh, A, B, b)):
+        assert g.shape == owner.shape and bool((g == 0).all())
+
+
+def test_missing_saved_tensor_is_a_clear_error():
+    x, U, S, Vh, A, B, b = make(4, 8, 6, 3, 2, torch.float32)
+    y, h_k, _ = tb.forward(x, U, S, Vh, A, B, b, 1.0, False)
+    with pytest.raises(ValueError, match="xv"):
+        tb.backward(torch.ones_like(y), x, h_k, None, U, S, Vh, A, B, 1.0, (False, False, True, False, False, False, False))
+
+
+def test_tf32_switch():
+    tb.set_allow_tf32(False)
+    try:
+        assert tb.tf32_enabled() is False
+        tb.set_allow_tf32(True)
+        assert tb.tf32_enabled() is True
+    finally:
+        tb.set_allow_tf32(None)
+    assert tb.tf32_enabled() == bool(torch.backends.cuda.matmul.allow_tf32)
+    with pytest.raises(TypeError, match="set_allow_tf32"):
+        tb.set_allow_tf32("yes")
+
+
+def test_is_available():
+    ok_cpu, why_cpu = tb.is_available("cpu")
+    assert ok_cpu == tb.INTERPRETED
+    if not ok_cpu:
+        assert "TRITON_INTERPRET" in why_cpu
+    assert tb.is_available("cuda")[0] == torch.cuda.is_available()
+    ok, why = tb.is_available("meta")
+    assert not ok and "meta" in why
+
+
+def test_cpu_unavailable_without_interpreter():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("from cersa_kernels.backends import triton as t; ok, why = t.is_available('cpu'); "
+            "print(ok); print(why)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "False" and "TRITON_INTERPRET" in lines[1]
+
+
+def test_custom_ops_opcheck():
+    """Schema, fake (meta) implementation and AOT dispatch of both custom ops."""
+    x, U, S, Vh, A, B, b = make(9, 13, 11, 5, 3, torch.float32)
+    torch.library.opcheck(torch.ops.cersa_kernels.triton_forward.default, (x, U, S, Vh, A, B, b, 0.5, True))
+    torch.library.opcheck(torch.ops.cersa_kernels.triton_forward.default, (x, U, S, Vh, None, None, None, 0.5, False))
+    y, h_k, xv = tb.forward(x, U, S, Vh, A, B, b, 0.5, True)
+    dy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.cersa_kernels.triton_backward.default,
+                          (dy, x, h_k, xv, U, S, Vh, A, B, 0.5, [True] * 7))
+    torch.library.opcheck(torch.ops.cersa_kernels.triton_backward.default,
+                          (dy, None, None, None, U, S, Vh, A, B, 0.5, [True, False, False, False, False, False, True]))
+
+
+# ------------------------------------------------------------------------------------------------
+# through the public op (cersa_kernels.cersa_linear): 3-D input, autograd, gradcheck, torch.compile
+# ------------------------------------------------------------------------------------------------
+
+try:
+    from cersa_kernels import ops
+except ImportError as exc:  # the public op is written in parallel with this backend
+    ops = None
+needs_ops = pytest.mark.skipif(ops is None, reason="cersa_kernels.ops (cersa_linear) is not importable")
+
+
+def _leaves(*ts):
+    return [None if t is None else t.detach().clone().requires_grad_(True) for t in ts]
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_cersa_linear_3d_non_contiguous(dtype):
+    gen = torch.Generator().manual_seed(4)
+    _, U, S, Vh, A, B, b = make(1, 45, 29, 7, 3, dtype, gen=gen)
+    x3 = torch.randn(5, 3, 45, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE).transpose(0, 1)
+    leaves = _leaves(x3, U, S, Vh, A, B, b)
+    y = ops.cersa_linear(*leaves, scale=0.5, backend="triton")
+    leaves64 = _leaves(*map(d64, (x3, U, S, Vh, A, B, b)))
+    y64 = ops.cersa_linear(*leaves64, scale=0.5, backend="reference")
+    assert y.shape == (3, 5, 29) and y.dtype == dtype
+    assert rel_err(y, y64) <= tol(dtype)
+    dy = torch.randn(5, 3, 29, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE).transpose(0, 1)
+    y.backward(dy)
+    y64.backward(dy.double())
+    for name, t, t64 in zip(("x", "U", "S", "Vh", "A", "B", "bias"), leaves, leaves64):
+        assert t.grad is not None and rel_err(t.grad, t64.grad) <= tol(dtype), name
+
+
+@needs_ops
+def test_gradcheck_float64():
+    gen = torch.Generator().manual_seed(5)
+    x, U, S, Vh, A, B, b = make(4, 5, 4, 2, 2, torch.float64, gen=gen)
+    x = x.reshape(2, 2, 5)
+    leaves = _leaves(x, U, S, Vh, A, B, b)
+
+    def f(*args):
+        return ops.cersa_linear(*args, scale=0.7, backend="triton")
+
+    assert torch.autograd.gradcheck(f, tuple(leaves), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@needs_ops
+def test_torch_compile_fullgraph():
+    gen = torch.Generator().manual_seed(6)
+    x, U, S, Vh, A, B, b = make(6, 13, 11, 5, 3, torch.float32, gen=gen)
+    x = x.reshape(2, 3, 13)
+    torch._dynamo.reset()
+
+    def f(x, U, S, Vh, A, B, b):
+        return ops.cersa_linear(x, U, S, Vh, A, B, b, scale=0.5, backend="triton")
+
+    eager = _leaves(x, S, A, B, b)
+    y = f(eager[0], U, eager[1], Vh, *eager[2:])
+    y.square().sum().backward()
+    comp = _leaves(x, S, A, B, b)
+    yc = torch.compile(f, fullgraph=True)(comp[0], U, comp[1], Vh, *comp[2:])
+    yc.square().sum().backward()
+    assert rel_err(yc, y.double()) <= 1e-6
+    for t, tc in zip(eager, comp):
+        assert rel_err(tc.grad, t.grad.double()) <= 1e-6
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper_and_ampere():
+    """Every kernel variant the backend launches lowers to a cubin for sm_90 and sm_80 (no GPU needed:
+    ahead-of-time compilation with triton's bundled ptxas) and fits in the device's shared memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, "-m", "cersa_kernels.backends.triton.compile_check",
+                          "--arch", "90,80", "--dtype", "bf16,fp16"],
+                         env=env, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "0 failure(s)" in out.stdout
