@@ -10,6 +10,9 @@ SOURCES := pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
 
 .PHONY: install test demo bench clean
 
+# Extra targets: mk/cpp.mk (cuda-check, cuda-ext), mk/bench.mk (bench-run, bench-report, bench-ci, ...).
+include $(wildcard mk/*.mk)
+
 $(STAMP): $(SOURCES)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
@@ -28,7 +31,8 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python python/finetune_bbc.py
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest bench/ -q
+	$(BENCH_RUN)
+	$(BENCH_REPORT)
 
 clean:
 	rm -rf build *.egg-info cersa_kernels/*.so

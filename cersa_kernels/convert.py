@@ -388,6 +388,17 @@ def _break_even_cap(m: int, n: int, max_frozen_ratio) -> int:
     return max(0, min(p, r))
 
 
+def _budget_cap(m: int, n: int, max_frozen_ratio, max_rank, rank_multiple) -> int:
+    """Per-layer rank cap under a budget: the break-even rank, max_rank, rounded down to a multiple of
+    rank_multiple unless it is min(m, n)."""
+    cap = _break_even_cap(m, n, max_frozen_ratio)
+    if max_rank is not None:
+        cap = min(cap, max_rank)
+    if rank_multiple and cap < min(m, n):
+        cap = cap // rank_multiple * rank_multiple
+    return cap
+
+
 def _resolve_svd(svd: str, p: int, energy) -> str:
     if svd != "auto":
         return svd
@@ -427,8 +438,7 @@ def _plan_ranks(todo, *, energy, rank, budget, max_rank, rank_multiple, max_froz
             spectra.append(singular_values(W, name))
             m, n = W.shape
             shapes.append((m, n))
-            cap = _break_even_cap(m, n, max_frozen_ratio)
-            caps.append(cap if max_rank is None else min(cap, max_rank))
+            caps.append(_budget_cap(m, n, max_frozen_ratio, max_rank, rank_multiple))
         alloc = allocate_budget(spectra, shapes, budget, caps=caps, multiple=rank_multiple)
         ranks = alloc.ranks
         tau, uranks, ustored = uniform_energy_for_budget(spectra, shapes, alloc.stored, caps=caps,
@@ -491,7 +501,8 @@ def convert(model: nn.Module, energy: float | None = 0.93, *, rank: int | None =
         maximises the sum of the layers' retained energy fractions (decompose.allocate_budget);
         energy and rank are then ignored.  The report compares the result with one energy for every
         layer at the same size (report.policy: mean / min layer energy of both).  Each layer's rank
-        is capped at its break-even rank under max_frozen_ratio, so every layer converts;
+        is capped at its break-even rank under max_frozen_ratio, so every layer converts (the cap
+        rounded down to a multiple of rank_multiple when given);
       max_rank: an upper limit on every rank, applied after energy / rank / budget;
       rank_multiple: ranks rounded UP to a multiple of this (e.g. 8 or 16, kernel tile sizes; up so
         the energy target still holds), or down to min(m, n); with a budget the allocation runs in
@@ -704,8 +715,7 @@ def plan(model: nn.Module, energies=(0.93,), *, budget: float | None = None, max
         pols[label] = {}
     if budget is not None:
         label = f"budget {budget:g}"
-        caps = [min(_break_even_cap(m, n, max_frozen_ratio), max_rank if max_rank is not None else len(S))
-                for S, (m, n) in zip(S_list, shapes)]
+        caps = [_budget_cap(m, n, max_frozen_ratio, max_rank, rank_multiple) for m, n in shapes]
         alloc = allocate_budget(S_list, shapes, budget, caps=caps, multiple=rank_multiple)
         tau, uranks, ustored = uniform_energy_for_budget(S_list, shapes, alloc.stored, caps=caps,
                                                          multiple=rank_multiple)

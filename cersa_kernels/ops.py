@@ -12,6 +12,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .backends import BACKEND_MODULES, backend_status, default_backend, load_backend
 
@@ -85,7 +86,10 @@ class _CersaLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
+        # once_differentiable: the saved h_k / xv are detached forward intermediates, so a graph
+        # through this backward would give wrong second derivatives; a double backward raises.
         x, h_k, xv, U, S, Vh, A, B = ctx.saved_tensors
         need = ctx.needs_input_grad
         needs = (need[2], need[3], need[4], need[5], need[6] and ctx.has_delta,

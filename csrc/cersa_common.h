@@ -10,6 +10,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
 #include <sstream>
 #include <string>
 
@@ -81,6 +82,16 @@ inline void check_factors(const at::Tensor& like, const at::Tensor& U, const at:
     check_size("B", *B, 0, m, "out_features = U.size(0)");
     check_size("B", *B, 1, k, "delta_rank = A.size(0)");
   }
+}
+
+// `t` itself when BLAS can read it in place (a unit stride in one dimension and a leading
+// dimension that covers the other), else a contiguous copy: made once here rather than once in
+// every GEMM that reads it (an expanded grad_output, e.g. of y.sum(), has strides (0, 0)).
+inline at::Tensor blas_ready(const at::Tensor& t) {
+  const int64_t rows = t.size(0), cols = t.size(1);
+  const bool row_major = t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(1, cols);
+  const bool col_major = t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(1, rows);
+  return (row_major || col_major) ? t : t.contiguous();
 }
 
 }  // namespace cersa

@@ -512,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run cersa, lora and full, each in its own subprocess, and print one table (default)")
     p.add_argument("--energy", type=float, default=0.93, help="CERSA energy tau in (0, 1] (default 0.93)")
     p.add_argument("--delta-rank", type=int, default=16, help="CERSA delta rank k = LoRA rank r (default 16)")
-    p.add_argument("--steps", type=int, default=120, help="training steps (default 120)")
+    p.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
     p.add_argument("--batch-size", type=int, default=16, help="training batch size (default 16)")
     p.add_argument("--max-length", type=int, default=128, help="max tokens per article (default 128)")
     p.add_argument("--train-size", type=int, default=None,

@@ -8,7 +8,7 @@ The vision front end of the package (issue 6, item 2), run the way a researcher 
   ``nn.Linear(1280, 10)``;
 * data: Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (idx files under
   /usr/share/datasets/fashion-mnist; ``--data DIR`` elsewhere), 28x28 grey images resized to
-  ``--image-size`` (default 64), replicated to 3 channels, ImageNet mean/std;
+  ``--image-size`` (default 32), replicated to 3 channels, ImageNet mean/std;
 * methods: ``cersa`` (``cersa_kernels.convert(model.features, energy)``: every groups=1 conv that
   saves memory becomes a CersaConv2d; depthwise convs stay dense and frozen, listed in the report;
   the deltas, the head and nothing else train), ``full`` (every parameter), ``head`` (linear probe).
@@ -17,7 +17,7 @@ Every method: the same seed, batches, AdamW, 10 % warm-up then linear decay; Bat
 update in training mode for every method.  ``--compare`` (default) runs each method in its own
 subprocess and prints one table.  Usage::
 
-    python python/finetune_fashion_mnist.py                       # --compare, 300 steps, 64x64
+    python python/finetune_fashion_mnist.py                       # --compare, 200 steps, 32x32
     python python/finetune_fashion_mnist.py --method cersa --energy 0.9 --steps 1000
 """
 from __future__ import annotations
@@ -149,8 +149,8 @@ def param_stats(model: nn.Module) -> dict:
 def build_model(method: str, args) -> tuple[nn.Module, dict]:
     torch.manual_seed(args.seed)
     model = _mobilenet.load_imagenet_mobilenet_v2()
-    n_base, dense_bytes = base_weight_bytes(model)
     model.classifier[1] = nn.Linear(1280, 10)
+    n_base, dense_bytes = base_weight_bytes(model)
     extra = {"dense_base_bytes": dense_bytes}
     if method == "cersa":
         import cersa_kernels
@@ -255,7 +255,7 @@ def format_table(rows: list[dict]) -> str:
     r0 = rows[0]
     out += ["", f"accuracy on {r0['n_test']} Fashion-MNIST test images (seeded sample).  conv/linear base "
                 f"weights: W of every Conv2d/Linear of MobileNetV2 with the new head (dense "
-                f"{mib(r0['dense_base_bytes'])} MiB incl. the 1000-class head it replaces), or U, S, Vh of "
+                f"{mib(r0['dense_base_bytes'])} MiB), or U, S, Vh of "
                 f"CERSA layers; deltas and biases excluded.",
             "peak RSS: VmHWM of the method's own process; train peak RSS: VmHWM reset before the first step.  "
             f"s / step: median wall time of a step after the first.  lr: body learning rate (head {r0['head_lr']:g})."]
@@ -276,9 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods of --compare")
     p.add_argument("--energy", type=float, default=0.93, help="CERSA energy tau in (0, 1] (default 0.93)")
     p.add_argument("--delta-rank", type=int, default=8, help="CERSA delta rank (default 8)")
-    p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
-    p.add_argument("--image-size", type=int, default=64, help="input side in pixels (default 64)")
+    p.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    p.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
+    p.add_argument("--image-size", type=int, default=32, help="input side in pixels (default 32)")
     p.add_argument("--test-size", type=int, default=2000, help="test images evaluated (default 2000)")
     p.add_argument("--data", default=DATA_DIR, help=f"folder of the idx files (default {DATA_DIR})")
     p.add_argument("--seed", type=int, default=0)

@@ -11,9 +11,29 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import contextlib  # noqa: E402
 import copy  # noqa: E402
 
 import pytest  # noqa: E402
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run torch and numpy's BLAS/LAPACK on one thread for the block.  The SVDs of the fixtures are
+    small (at most 1536 x 384): threads gain nothing there, and on a busy 2-core CI machine the
+    OpenMP/OpenBLAS spin-waiting made them 10x slower in CPU time."""
+    n = torch.get_num_threads()
+    try:
+        from threadpoolctl import threadpool_limits
+        limit = threadpool_limits(1)
+    except ImportError:  # optional: only numpy's BLAS threads stay as they are
+        limit = contextlib.nullcontext()
+    torch.set_num_threads(1)
+    try:
+        with limit:
+            yield
+    finally:
+        torch.set_num_threads(n)
 
 #: Relative-error bounds, err = max|out - ref| / max|ref|, ref computed in float64 from the same,
 #: already rounded, inputs.  Derivation: fp64/fp32 results go through one GEMM chain with fp32 (or
@@ -121,7 +141,8 @@ def minilm_copy(minilm):
 def _convert_copy(model, **kw):
     import cersa_kernels
 
-    return cersa_kernels.convert(copy.deepcopy(model), progress=False, **kw)
+    with single_thread():
+        return cersa_kernels.convert(copy.deepcopy(model), progress=False, **kw)
 
 
 @pytest.fixture(scope="session")
@@ -143,5 +164,6 @@ def minilm_singular_values(minilm):
     """{layer name: float64 numpy singular values} of every nn.Linear of MiniLM (numpy.linalg.svd)."""
     import numpy as np
 
-    return {name: np.linalg.svd(mod.weight.detach().double().numpy(), compute_uv=False)
-            for name, mod in minilm.named_modules() if type(mod) is torch.nn.Linear}
+    with single_thread():
+        return {name: np.linalg.svd(mod.weight.detach().double().numpy(), compute_uv=False)
+                for name, mod in minilm.named_modules() if type(mod) is torch.nn.Linear}

@@ -22,7 +22,7 @@ CPU_AUTOCAST = [torch.bfloat16, torch.float16]
 
 
 def _rel(a, b):
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     scale = float(b.abs().max()) or 1.0
     return float((a - b).abs().max()) / scale
 

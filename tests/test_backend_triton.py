@@ -191,7 +191,8 @@ def test_missing_saved_tensor_is_a_clear_error():
     x, U, S, Vh, A, B, b = make(4, 8, 6, 3, 2, torch.float32)
     y, h_k, _ = tb.forward(x, U, S, Vh, A, B, b, 1.0, False)
     with pytest.raises(ValueError, match="xv"):
-        tb.backward(torch.ones_like(y), x, h_k, None, U, S, Vh, A, B, 1.0, (False, False, True, False, False, False, False))
+        tb.backward(torch.ones_like(y), x, h_k, None, U, S, Vh, A, B, 1.0,
+                    (False, False, True, False, False, False, False))
 
 
 def test_tf32_switch():

@@ -16,7 +16,14 @@ from torch import nn
 import cersa_kernels
 from cersa_kernels import CersaLinear, convert, count_parameters, get_report, merge
 
-from conftest import rel_error
+from conftest import single_thread, rel_error
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small SVDs: one thread is as fast and avoids spin-waiting on a busy CI machine (conftest)."""
+    with single_thread():
+        yield
 
 # Converted MiniLM vs dense MiniLM, both fp32: each weight is rebuilt from an fp32 SVD whose
 # reconstruction error is ~ p * eps_fp32 ~ 384 * 6e-8 = 2.3e-5 of its norm at worst, through 6 layers
@@ -462,3 +469,21 @@ def test_minilm_merge_reverses(minilm, minilm_full, minilm_inputs):
     for name, mod in minilm.named_modules():
         if type(mod) is nn.Linear:
             assert rel_error(merged.get_submodule(name).weight, mod.weight) <= MINILM_TOL, name
+
+
+@pytest.mark.xfail(reason="BUG: convert._is_linear accepts any nn.Linear subclass, so a subclass that overrides "
+                          "forward (here doubling the output) is replaced by a plain CersaLinear and its behaviour "
+                          "silently lost; only subclasses that keep nn.Linear.forward should convert, the others "
+                          "be reported as skipped (or raise when named)", strict=True)
+def test_linear_subclass_with_own_forward_is_not_silently_changed():
+    class Twice(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(Twice(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    for i in (0, 2):
+        set_decaying_spectrum(model[i], i)
+    x = _x()
+    y0 = model(x)
+    convert(model, energy=1.0, delta_rank=2, max_frozen_ratio=None, progress=False)
+    assert rel_error(model(x), y0) <= 1e-5

@@ -14,6 +14,15 @@ import torch
 from cersa_kernels import energy_rank, truncated_svd
 from cersa_kernels.decompose import check_energy
 
+from conftest import single_thread
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small SVDs: one thread is as fast and avoids spin-waiting on a busy CI machine (conftest)."""
+    with single_thread():
+        yield
+
 ENERGIES = (1e-9, 0.1, 0.5, 0.9, 0.93, 0.95, 0.999999, 1.0)
 
 

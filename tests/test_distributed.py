@@ -70,7 +70,7 @@ def _train(net, batches, rows=slice(None)):
         loss = nn.functional.cross_entropy(net(x[rows]), y[rows])
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 

@@ -16,6 +16,10 @@ from torch import Tensor
 
 from . import _cpp_ops
 
+# The op overloads, looked up once (None when the extension did not load).
+_FWD = torch.ops.cersa.linear_forward.default if _cpp_ops.CPU_ERROR is None else None
+_BWD = torch.ops.cersa.linear_backward.default if _cpp_ops.CPU_ERROR is None else None
+
 
 def is_available(device_type: str) -> tuple[bool, str]:
     """(True, "") when the extension's kernels for ``device_type`` are loaded, else (False, why)."""
@@ -35,8 +39,7 @@ def is_available(device_type: str) -> tuple[bool, str]:
 def forward(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None, B: Tensor | None,
             bias: Tensor | None, scale: float, save_xv: bool):
     """y (N, m), h_k (N, k) or None, xv (N, r) or None: see ``cersa_kernels.backends``."""
-    y, h_k, xv = torch.ops.cersa.linear_forward.default(x, U, S, Vh, A, B, bias, float(scale),
-                                                        bool(save_xv))
+    y, h_k, xv = _FWD(x, U, S, Vh, A, B, bias, float(scale), bool(save_xv))
     return y, (h_k if A is not None else None), (xv if save_xv else None)
 
 
@@ -47,6 +50,5 @@ def backward(dy: Tensor, x: Tensor | None, h_k: Tensor | None, xv: Tensor | None
     has = A is not None
     flags = [bool(needs[0]), bool(needs[1]), bool(needs[2]), bool(needs[3]),
              bool(needs[4]) and has, bool(needs[5]) and has, bool(needs[6])]
-    grads = torch.ops.cersa.linear_backward.default(dy, x, h_k, xv, U, S, Vh, A, B, float(scale),
-                                                    flags)
+    grads = _BWD(dy, x, h_k, xv, U, S, Vh, A, B, float(scale), flags)
     return tuple(g if f else None for g, f in zip(grads, flags))

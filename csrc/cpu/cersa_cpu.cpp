@@ -84,12 +84,13 @@ void forward_epilogue(scalar_t* h, int64_t ldh, int64_t N, int64_t r, const scal
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor> linear_forward_cpu(const Tensor& x, const Tensor& U,
+std::tuple<Tensor, Tensor, Tensor> linear_forward_cpu(const Tensor& x_in, const Tensor& U,
                                                       const Tensor& S, const Tensor& Vh,
                                                       const optional<Tensor>& A,
                                                       const optional<Tensor>& B,
                                                       const optional<Tensor>& bias, double scale,
                                                       bool save_xv) {
+  const Tensor x = (x_in.defined() && x_in.dim() == 2) ? blas_ready(x_in) : x_in;
   int64_t m, r, n, k;
   TORCH_CHECK(x.defined() && x.dim() == 2, "cersa: x: expected a 2-D tensor (N, in_features)",
               x.defined() ? ", got shape " + shape_str(x) : ", got None");
@@ -216,9 +217,12 @@ void scale_columns(scalar_t* a, int64_t rows, int64_t cols, const scalar_t* S) {
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward_cpu(
-    const Tensor& dy, const optional<Tensor>& x, const optional<Tensor>& h_k,
+    const Tensor& dy_in, const optional<Tensor>& x_in, const optional<Tensor>& h_k,
     const optional<Tensor>& xv, const Tensor& U, const Tensor& S, const Tensor& Vh,
     const optional<Tensor>& A, const optional<Tensor>& B, double scale, std::array<bool, 7> needs) {
+  const Tensor dy = (dy_in.defined() && dy_in.dim() == 2) ? blas_ready(dy_in) : dy_in;
+  optional<Tensor> x = x_in;
+  if (present(x) && x->dim() == 2) x = blas_ready(*x);
   int64_t m, r, n, k;
   TORCH_CHECK(dy.defined() && dy.dim() == 2, "cersa: dy: expected a 2-D tensor (N, out_features)",
               dy.defined() ? ", got shape " + shape_str(dy) : ", got None");

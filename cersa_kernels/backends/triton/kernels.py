@@ -74,12 +74,11 @@ def _cfg(bm, bn, bk, warps, stages, group=8):
 #: that exceed shared memory or whose BM is far larger than M (see _prune).  One configuration
 #: under the interpreter.
 HOPPER_CONFIGS = [
-    _cfg(128, 256, 64, 8, 3),
-    _cfg(256, 128, 64, 8, 3),
-    _cfg(128, 128, 64, 8, 4),
-    _cfg(128, 128, 64, 4, 4),
+    _cfg(128, 256, 64, 8, 3),    # 16-bit inputs
+    _cfg(256, 128, 64, 8, 3),    # 16-bit inputs
+    _cfg(128, 128, 64, 8, 4),    # 16-bit inputs
     _cfg(128, 128, 32, 8, 3),    # fp32 inputs (TF32 / IEEE)
-    _cfg(128, 64, 32, 4, 4),     # fits for fp64 inputs
+    _cfg(128, 64, 32, 4, 4),     # fp32 / fp64 inputs
 ]
 AMPERE_CONFIGS = [
     _cfg(128, 128, 32, 4, 4),
@@ -135,7 +134,8 @@ def _elt_size(named_args) -> int:
 
 def _smem(c, esize: int) -> int:
     """Shared memory of a configuration's software pipeline (bytes), as Triton allocates it for
-    one K loop: num_stages copies of the (BM, BK) and (BK, BN) operand tiles."""
+    one K loop: num_stages copies of the (BM, BK) and (BK, BN) operand tiles.  (Compiled for sm_90
+    and sm_80, the kernels' two segment loops share these buffers; see compile_check.)"""
     kw = c.kwargs
     return c.num_stages * (kw["BM"] * kw["BK"] + kw["BK"] * kw["BN"]) * esize
 
@@ -160,6 +160,10 @@ def _prune(configs, named_args, **kwargs):
         kw = c.kwargs
         if kw["BM"] >= 64 and id(c) not in family:
             continue
+        if major >= 9 and esize <= 2 and kw["BK"] < 64 and kw["BM"] >= 64:
+            continue  # Hopper, 16-bit: the BK = 32 tiles are for 4-byte inputs
+        if kw["BM"] < 64 and kw["BM"] > mcap:
+            continue  # skinny tiles: no taller than M rounded up
         if _smem(c, esize) > smem_limit:
             continue
         if kw["BM"] > 2 * mcap:
@@ -251,14 +255,17 @@ def _seg_cols_kernel(
     alpha2, M_BUCKET,
     HAS_S1: tl.constexpr, WRITE_RAW: tl.constexpr, HAS_RED: tl.constexpr, HAS_RS: tl.constexpr,
     HAS_ALPHA: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, FIX_BF16: tl.constexpr,
+    PRECISION: tl.constexpr, FIX_BF16: tl.constexpr, NB2: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """C1 = epi1(P @ Q1) (M, N1) and C2 = alpha2 * (P @ Q2) (M, N2) in one launch."""
+    """C1 = epi1(P @ Q1) (M, N1) and C2 = alpha2 * (P @ Q2) (M, N2) in one launch.
+
+    Segment 1 is cut in BN-wide column tiles, segment 2 (the delta, k columns) in NB2-wide ones
+    (NB2 ~ k), so the narrow delta segment does not pay for a full BN-wide tile."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
     t1 = tl.cdiv(N1, BN)
-    num_n = t1 + tl.cdiv(N2, BN)
+    num_n = t1 + tl.cdiv(N2, NB2)
     pid_m, pid_n = _tile_ids(pid, num_m, num_n, GROUP_M)
     offs_m = pid_m * BM + tl.arange(0, BM)
     mask_m = offs_m < M
@@ -284,15 +291,16 @@ def _seg_cols_kernel(
         tl.store(C1 + offs_m64[:, None] * s_c1m + offs_n[None, :] * s_c1n,
                  _rne(acc, FIX_BF16).to(C1.dtype.element_ty), mask=mask)
     else:
-        # ---- segment 2: trainable factor (A^T, B, h_k, g_k, ...) ----
-        offs_n = (pid_n - t1) * BN + tl.arange(0, BN)
-        mask_n = offs_n < N2
-        acc, rs = _dot_loop(acc, rs, P, Q2, offs_m, offs_n, M, N2, K, s_pm, s_pk, s_q2k, s_q2n,
-                            HAS_RS, UPCAST, PRECISION, BK)
+        # ---- segment 2: trainable factor (A^T, B, h_k, ...), NB2-wide tiles ----
+        offs_n2 = (pid_n - t1) * NB2 + tl.arange(0, NB2)
+        mask_n2 = offs_n2 < N2
+        acc2 = tl.zeros((BM, NB2), dtype=ACC_DTYPE)
+        acc2, rs = _dot_loop(acc2, rs, P, Q2, offs_m, offs_n2, M, N2, K, s_pm, s_pk, s_q2k, s_q2n,
+                             HAS_RS, UPCAST, PRECISION, BK)
         if HAS_ALPHA:
-            acc = acc * alpha2
-        tl.store(C2 + offs_m64[:, None] * s_c2m + offs_n[None, :] * s_c2n,
-                 _rne(acc, FIX_BF16).to(C2.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+            acc2 = acc2 * alpha2
+        tl.store(C2 + offs_m64[:, None] * s_c2m + offs_n2[None, :] * s_c2n,
+                 _rne(acc2, FIX_BF16).to(C2.dtype.element_ty), mask=mask_m[:, None] & mask_n2[None, :])
     if HAS_RS:
         # fused row sums of P (dbias); the first column tile of each row tile writes them.
         if pid_n == 0:
@@ -409,9 +417,6 @@ _seg_rows = _make_autotuned(_seg_rows_kernel, key=["M_BUCKET", "N", "K"])
 # launchers (2-D tensors with arbitrary strides; shapes checked by the caller)
 # ---------------------------------------------------------------------------------------------
 
-_TL_ACC = {torch.float64: tl.float64}
-
-
 def _flags(dtype: torch.dtype):
     """(ACC_DTYPE, UPCAST, PRECISION) for an input dtype."""
     if dtype == torch.float64:
@@ -430,6 +435,14 @@ def _fix_bf16(out_dtype: torch.dtype) -> bool:
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def nb2_for(n2: int) -> int:
+    """Tile width of the delta segment of _seg_cols: k rounded up to a power of two in [16, 64]
+    (16 under the interpreter, so that the tests' delta ranks span several tiles)."""
+    if INTERPRETED:
+        return 16
+    return min(64, max(16, triton.next_power_of_2(max(int(n2), 1))))
 
 
 def _bucket(m: int) -> int:
@@ -457,8 +470,10 @@ def seg_cols(P, Q1, Q2, C1, C2, *, S1=None, alpha2=None, raw_out=None, red=None,
     rs = rowsum if rowsum is not None else red_t
     s1 = S1 if S1 is not None else dummy
 
+    nb2 = nb2_for(N2)
+
     def grid(meta):
-        return (triton.cdiv(M, meta["BM"]) * (triton.cdiv(N1, meta["BN"]) + triton.cdiv(N2, meta["BN"])),)
+        return (triton.cdiv(M, meta["BM"]) * (triton.cdiv(N1, meta["BN"]) + triton.cdiv(N2, nb2)),)
 
     LAUNCHES += 1
     _seg_cols[grid](
@@ -470,7 +485,7 @@ def seg_cols(P, Q1, Q2, C1, C2, *, S1=None, alpha2=None, raw_out=None, red=None,
         float(alpha2) if alpha2 is not None else 1.0, _bucket(M),
         HAS_S1=S1 is not None, WRITE_RAW=raw_out is not None, HAS_RED=red is not None,
         HAS_RS=rowsum is not None, HAS_ALPHA=alpha2 is not None and alpha2 != 1.0,
-        ACC_DTYPE=acc, UPCAST=upcast, PRECISION=prec, FIX_BF16=_fix_bf16(dummy.dtype),
+        ACC_DTYPE=acc, UPCAST=upcast, PRECISION=prec, FIX_BF16=_fix_bf16(dummy.dtype), NB2=nb2,
     )
 
 
