@@ -9,6 +9,7 @@ STAMP   := $(VENV)/.cersa-installed
 SOURCES := pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
 
 .PHONY: install test demo bench clean
+.DEFAULT_GOAL := install
 
 # Extra targets: mk/cpp.mk (cuda-check, cuda-ext), mk/bench.mk (bench-run, bench-report, bench-ci, ...).
 include $(wildcard mk/*.mk)

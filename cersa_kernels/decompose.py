@@ -10,7 +10,9 @@ device, economy size only (U is (m, p), never (m, m)).  No nn.Module lives here.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +123,37 @@ class DecompositionInfo:
     method: str = "full"
 
 
+#: CPU SVDs of matrices with min(m, n) up to this run on one thread (``$CERSA_SVD_THREADS`` overrides
+#: with an explicit thread count for every CPU SVD).  LAPACK's SVD (bidiagonalisation) gains little
+#: from 2-4 threads at these sizes, and on a loaded machine OpenMP spin-waiting made a 1536 x 384
+#: SVD ~20x slower with 2 threads than with 1 (measured on the 2-core CI machine).
+SINGLE_THREAD_SVD_MAX_DIM = 1024
+
+
+@contextlib.contextmanager
+def _svd_threads(W: Tensor):
+    """Limit torch's intra-op threads around a CPU SVD (see SINGLE_THREAD_SVD_MAX_DIM)."""
+    env = os.environ.get("CERSA_SVD_THREADS")
+    want = None
+    if W.device.type == "cpu":
+        if env:
+            try:
+                want = max(1, int(env))
+            except ValueError:
+                raise ValueError(f"CERSA_SVD_THREADS: expected a positive int, got {env!r}") from None
+        elif min(W.shape) <= SINGLE_THREAD_SVD_MAX_DIM:
+            want = 1
+    old = torch.get_num_threads()
+    if want is None or want == old:
+        yield
+        return
+    torch.set_num_threads(want)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def check_svd(svd) -> str:
     """Validate the ``svd=`` option (one of SVD_METHODS); returns it."""
     if svd not in SVD_METHODS:
@@ -183,7 +216,7 @@ def randomized_svd(W: Tensor, energy: float | None = None, rank: int | None = No
     if rank is not None:
         rank = check_rank(rank, p, where=f" ({where})")
     cd = _cdtype(W)
-    with torch.no_grad():
+    with torch.no_grad(), _svd_threads(W):
         Wc = W.detach().to(cd)
         total = float(Wc.to(torch.float64).square().sum()) if cd != torch.float64 else float(Wc.square().sum())
         if total == 0.0 or (energy is not None and energy >= 1.0) or rank == p:
@@ -254,7 +287,7 @@ def truncated_svd(W: Tensor, energy: float | None = None, rank: int | None = Non
     if svd == "randomized":
         return randomized_svd(W, energy=energy, rank=rank, where=where)
     cdtype = torch.float64 if W.dtype == torch.float64 else torch.float32
-    with torch.no_grad():
+    with torch.no_grad(), _svd_threads(W):
         U, S, Vh = torch.linalg.svd(W.detach().to(cdtype), full_matrices=False)
     nz = numerical_rank(S, (m, n))
     total = float(S.to(torch.float64).square().sum())
@@ -269,7 +302,7 @@ def truncated_svd(W: Tensor, energy: float | None = None, rank: int | None = Non
 def singular_values(W: Tensor, where: str = "weight") -> Tensor:
     """All min(m, n) singular values of W (descending), float32 (float64 for float64 W), W's device."""
     check_weight(W, where)
-    with torch.no_grad():
+    with torch.no_grad(), _svd_threads(W):
         return torch.linalg.svdvals(W.detach().to(_cdtype(W)))
 
 

@@ -7,7 +7,7 @@ applies the autocast dtype, picks a backend and wraps the backend's forward/back
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 
 import torch
@@ -45,7 +45,12 @@ def _default_backend_for(device_type: str) -> str:
 def _backend_problem(name: str, device_type: str) -> str:
     """"" when backend ``name`` runs on ``device_type``, else why not.  A constant for
     torch.compile: the first call may import the backend module, which dynamo cannot trace."""
-    ok, why = backend_status(name, device_type)
+    return _backend_problem_cached(name, device_type)
+
+
+@functools.lru_cache(maxsize=None)
+def _backend_problem_cached(name: str, device_type: str) -> str:
+    ok, why = backend_status(name, device_type)  # imports the backend once; its answer is fixed
     return "" if ok else (why or "unavailable")
 
 
@@ -132,6 +137,8 @@ def cersa_linear(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None =
     # attribute arrives as a SymFloat, which math.isfinite cannot take (NaN and +-inf fail it too).
     if not abs(scale) < math.inf:
         raise TypeError(f"scale: expected a finite real number, got {scale!r}")
+    if not torch.compiler.is_compiling():
+        scale = float(scale)  # (a traced SymFloat stays symbolic: no guard on its value)
     m, r = U.shape
     n = Vh.shape[1]
     _check_shape("S", S, (r,), lambda: f"(rank,) with rank = U.shape[1] = {r}")
@@ -158,7 +165,8 @@ def cersa_linear(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None =
         if t.device != x.device:
             raise ValueError(f"{name}: expected device {x.device} (x's device), got {t.device}")
     dev = x.device.type
-    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+    autocast = dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)
+    if autocast:
         dtype = torch.get_autocast_dtype(dev)
         x, U, S, Vh = (t.to(dtype) for t in (x, U, S, Vh))
         A = A.to(dtype) if A is not None else None
@@ -172,7 +180,10 @@ def cersa_linear(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None =
     name = resolve_backend(backend, dev)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, n)
-    with torch.autocast(dev, enabled=False) if dev in ("cpu", "cuda") else contextlib.nullcontext():
+    if autocast:  # the tensors are cast already; the backend must see them as they are
+        with torch.autocast(dev, enabled=False):
+            y = _CersaLinearFunction.apply(name, scale, x2d, U, S, Vh, A, B, bias)
+    else:
         y = _CersaLinearFunction.apply(name, scale, x2d, U, S, Vh, A, B, bias)
     if x.dim() == 2:
         return y

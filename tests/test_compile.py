@@ -110,3 +110,27 @@ def test_op_fullgraph_dynamic_every_backend(backend):
         for a, b in zip(gc, ge):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_layer_compiles_under_autocast():
+    """CersaLinear under CPU bf16 autocast, compiled fullgraph + dynamic: bf16 output equal to eager,
+    fp32 gradients, one graph for two lengths."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    torch.manual_seed(2)
+    layer = cersa_kernels.CersaLinear.from_linear(torch.nn.Linear(20, 24), energy=None, rank=6, delta_rank=3)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    for seq in (5, 9):
+        x = torch.randn(2, seq, 20)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ye = layer(x)
+            yc = compiled(x)
+        assert yc.dtype == ye.dtype == torch.bfloat16
+        torch.testing.assert_close(yc, ye, rtol=0, atol=0)
+        ge = torch.autograd.grad(ye.float().square().sum(), [layer.A, layer.B])
+        gc = torch.autograd.grad(yc.float().square().sum(), [layer.A, layer.B])
+        for a, b in zip(gc, ge):
+            assert a.dtype == torch.float32
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

@@ -63,10 +63,6 @@ def cases(draw):
     c["r"] = draw(st.integers(0, min(c["m"], c["n"])))
     if not c["lead"] and draw(st.booleans()):
         c["lead"] = (draw(size),)  # a plain 2-D x is the common case
-    if c["backend"] == "triton":
-        # KNOWN BUG, pinned by test_triton_strided_bias below: the Triton forward reads bias with
-        # unit stride.  Drop this line when that test starts passing.
-        c["layouts"]["bias"] = draw(st.sampled_from(["contiguous", "transposed"]))
     if c["lead"] == () and c["layouts"]["x"] == "transposed":
         c["layouts"]["x"] = "contiguous"  # a 1-D x has no transposed storage
     return c
@@ -136,9 +132,6 @@ def _err(out, ref, mag):
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backend is not available here "
                     "(needs a GPU or TRITON_INTERPRET=1 before triton is imported)")
-@pytest.mark.xfail(reason="BUG (backends/triton/kernels.py _seg_k_kernel: `tl.load(BIAS + offs_n)` assumes a "
-                          "unit stride): a non-contiguous bias, e.g. torch.randn(2 m)[::2], gives a wrong y. "
-                          "NEEDS: seg_k() to pass bias.contiguous() (or the bias stride to the kernel)", strict=True)
 def test_triton_strided_bias():
     torch.manual_seed(0)
     x, U, S, Vh = torch.randn(3, 4), torch.randn(5, 2), torch.rand(2) + 0.1, torch.randn(2, 4)

@@ -38,19 +38,7 @@ TOPICS = [
 ]
 
 
-class CersaCheckpointCallback(transformers.TrainerCallback):
-    """Writes ``cersa_kernels.save(model, <checkpoint>/cersa_model.safetensors)`` next to every
-    checkpoint Trainer saves (on the main process only)."""
-
-    filename = "cersa_model.safetensors"
-
-    def on_save(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero and model is not None:
-            folder = os.path.join(args.output_dir, f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-"
-                                                   f"{state.global_step}")
-            os.makedirs(folder, exist_ok=True)
-            cersa_kernels.save(model, os.path.join(folder, self.filename))
-        return control
+from cersa_kernels.integrations import CersaTrainerCallback as CersaCheckpointCallback  # noqa: E402
 
 
 def _pretrained():

@@ -506,7 +506,7 @@ def seg_k(P1, Q1, P2, Q2, C, bias=None):
 
     LAUNCHES += 1
     _seg_k[grid](
-        P1, Q1, P2, Q2, C, bias if bias is not None else C,
+        P1, Q1, P2, Q2, C, bias.contiguous() if bias is not None else C,
         M, N, K1, K2,
         P1.stride(0), P1.stride(1), Q1.stride(0), Q1.stride(1),
         P2.stride(0), P2.stride(1), Q2.stride(0), Q2.stride(1), C.stride(0), C.stride(1),
