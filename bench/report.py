@@ -38,9 +38,24 @@ GiB = 2 ** 30
 
 # ------------------------------------------------------------------------------- loading
 
-def load(path: str | os.PathLike) -> dict:
-    with open(path) as f:
-        return json.load(f)
+def load(*paths: str | os.PathLike) -> dict:
+    """One pytest-benchmark JSON, or several merged: a benchmark (by fullname) in a later file
+    replaces the same one from an earlier file (e.g. a rerun of some groups); the machine info,
+    date and commit are the last file's, and ``sources`` lists the files with their dates."""
+    merged: dict = {}
+    benches: dict[str, dict] = {}
+    sources = []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        for b in data.get("benchmarks", []):
+            benches[b.get("fullname", b["name"])] = b
+        sources.append(f"{Path(path).name} ({len(data.get('benchmarks', []))} benchmarks, "
+                       f"{data.get('datetime', '?')[:16]})")
+        merged.update({k: v for k, v in data.items() if k != "benchmarks"})
+    merged["benchmarks"] = list(benches.values())
+    merged["sources"] = sources
+    return merged
 
 
 def timing_rows(data: dict) -> list[dict]:
@@ -122,6 +137,8 @@ def stamp(data: dict, root: Path) -> list[str]:
     load_s, load_e = c.get("loadavg_start"), c.get("loadavg_end")
     fmt_load = lambda l: "?" if not l else f"{l[0]:.2f}"
     lines = [
+        f"- from: {'; '.join(data['sources'])} (a later file's benchmarks replace the same ones of an "
+        f"earlier file)" if len(data.get("sources", [])) > 1 else f"- from: {', '.join(data.get('sources', ['?']))}",
         f"- date: {data.get('datetime', '?')} (report written {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC)",
         f"- machine: {c.get('cpu_model', mi.get('cpu', {}).get('brand_raw', '?'))}, {c.get('cores', '?')} cores"
         + (f", {mem / GiB:.0f} GiB RAM" if mem else "") + (f", GPU {c['gpu']}" if c.get("gpu") else "")
@@ -471,7 +488,7 @@ def build_report(data: dict, out_dir: Path, json_name: str = "bench.json", compu
     md = ["# cersa_kernels benchmarks", ""]
     md += stamp(data, root)
     md += ["", "Reproduce: `make bench` (runs `pytest bench/ --benchmark-json=results/bench.json` and then "
-           f"`python bench/report.py results/{json_name} --out results`). Times: minimum over rounds. "
+           f"`python bench/report.py results/bench.json --out results`; this report: {json_name}). Times: minimum over rounds. "
            "Ratios < 1: CERSA faster than the frozen dense nn.Linear + PEFT LoRA at the same delta rank k; "
            "**bold** = slower. 'rebuild' = forming W = U diag(S) Vh + s B A every step (SVFT / PEFT OSF style).",
            ""]
@@ -519,12 +536,13 @@ def build_report(data: dict, out_dir: Path, json_name: str = "bench.json", compu
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("json", help="pytest-benchmark JSON (--benchmark-json)")
+    ap.add_argument("json", nargs="+", help="pytest-benchmark JSON (--benchmark-json); with several, "
+                    "later files' benchmarks replace the same-named ones of earlier files")
     ap.add_argument("--out", default="results", help="output folder for bench.md and bench.png")
     ap.add_argument("--no-computed", action="store_true", help="skip the memory computed from shapes")
     a = ap.parse_args(argv)
-    data = load(a.json)
-    build_report(data, Path(a.out), Path(a.json).name, computed=not a.no_computed)
+    data = load(*a.json)
+    build_report(data, Path(a.out), " ".join(Path(j).name for j in a.json), computed=not a.no_computed)
     print(f"wrote {Path(a.out) / 'bench.md'} and {Path(a.out) / 'bench.png'}")
     return 0
 

@@ -14,10 +14,10 @@ __version__ = "0.1.0"
 from .backends import available_backends  # noqa: E402
 from .decompose import energy_rank, truncated_svd  # noqa: E402
 from .ops import cersa_linear  # noqa: E402
-from .layers import CersaLinear  # noqa: E402
-from .convert import ConversionReport, ParamCount, convert, count_parameters, get_report, merge  # noqa: E402
+from .layers import CersaConv1D, CersaConv2d, CersaLinear, CersaMultiheadAttention  # noqa: E402
+from .convert import ConversionReport, ParamCount, Plan, convert, count_parameters, get_report, merge, plan  # noqa: E402
 from .io import load, load_adapter, save, save_adapter  # noqa: E402
 
-__all__ = ["__version__", "available_backends", "energy_rank", "truncated_svd", "cersa_linear", "CersaLinear",
-           "ConversionReport", "ParamCount", "convert", "count_parameters", "get_report", "merge", "load",
+__all__ = ["__version__", "available_backends", "energy_rank", "truncated_svd", "cersa_linear", "CersaLinear", "CersaConv1D", "CersaConv2d", "CersaMultiheadAttention",
+           "ConversionReport", "ParamCount", "Plan", "plan", "convert", "count_parameters", "get_report", "merge", "load",
            "load_adapter", "save", "save_adapter"]

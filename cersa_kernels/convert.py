@@ -21,8 +21,8 @@ from torch import Tensor
 
 from .decompose import (allocate_budget, check_energy, check_rank, check_svd, energy_rank, round_rank,
                         singular_values, truncated_svd, uniform_energy_for_budget, AUTO_RANDOMIZED_MIN_DIM)
-from .layers import (CersaConv1D, CersaConv2d, CersaLinear, CersaMultiheadAttention, is_hf_conv1d,
-                     mha_unsupported_reason)
+from .layers import (CersaConv1D, CersaConv2d, CersaLinear, CersaMultiheadAttention, _check_delta_rank,
+                     _check_init, _lora_scale, check_backend, is_hf_conv1d, mha_unsupported_reason)
 
 __all__ = ["ConversionReport", "LayerRecord", "ParamCount", "Plan", "convert", "count_parameters", "get_report",
            "merge", "plan", "cersa_modules", "CONVERTERS", "UNSUPPORTED", "CERSA_LAYERS"]
@@ -144,8 +144,10 @@ def count_parameters(model: nn.Module) -> ParamCount:
 
 
 def _is_linear(m: nn.Module) -> bool:
+    """nn.Linear, or a subclass that keeps nn.Linear's forward (a subclass with its own forward would
+    lose its behaviour when replaced; it is reported instead)."""
     return type(m) is nn.Linear or (isinstance(m, nn.Linear) and not isinstance(
-        m, nn.modules.linear.NonDynamicallyQuantizableLinear))
+        m, nn.modules.linear.NonDynamicallyQuantizableLinear) and type(m).forward is nn.Linear.forward)
 
 
 def _build_linear(module: nn.Linear, name: str, opts: dict) -> CersaLinear:
@@ -191,8 +193,10 @@ UNSUPPORTED: list[tuple[Callable[[nn.Module], bool], str, object]] = [
     (lambda m: isinstance(m, nn.MultiheadAttention), "MultiheadAttention", mha_unsupported_reason),
     (lambda m: isinstance(m, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                               nn.ConvTranspose3d)), "Conv", lambda m: f"{type(m).__name__} is not supported"),
-    (lambda m: isinstance(m, nn.Linear) and not _is_linear(m), "Linear",
+    (lambda m: isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear), "Linear",
      "NonDynamicallyQuantizableLinear outside nn.MultiheadAttention is not converted"),
+    (lambda m: isinstance(m, nn.Linear) and not _is_linear(m), "Linear",
+     lambda m: f"{type(m).__name__} overrides nn.Linear.forward; replacing it would lose that behaviour"),
 ]
 
 #: CERSA layer classes (for idempotence, merge and I/O).
@@ -542,6 +546,10 @@ def convert(model: nn.Module, energy: float | None = 0.93, *, rank: int | None =
     else:
         energy = None
     _check_policies(max_rank, rank_multiple, budget, svd, max_frozen_ratio)
+    check_backend(backend)
+    _check_delta_rank(delta_rank)  # checked here too, so a model with nothing to convert still refuses them
+    _check_init(init)
+    _lora_scale(alpha, delta_rank)
     report = ConversionReport(energy=energy)
     todo, names = _collect(model, target_modules, exclude, report)
     opts = dict(delta_rank=delta_rank, alpha=alpha, init=init, train_S=train_S, train_bias=train_bias,
@@ -595,9 +603,15 @@ def convert(model: nn.Module, energy: float | None = 0.93, *, rank: int | None =
             built.append((name, new))
     finally:
         bar.close()
-    # Phase 2: swap and freeze.
+    # Phase 2: swap and freeze (a module registered under several names is replaced under each).
+    aliases: dict[int, list[str]] = {}
+    for n, mod in model.named_modules(remove_duplicate=False):
+        if n:
+            aliases.setdefault(id(mod), []).append(n)
+    modules = dict(model.named_modules())
     for name, new in built:
-        _set_module(model, name, new)
+        for alias in aliases.get(id(modules[name]), [name]):
+            _set_module(model, alias, new)
     _disable_fast_paths(model)
     cersa_params = set()
     for mod in model.modules():

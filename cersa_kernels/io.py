@@ -40,6 +40,9 @@ def _write_atomic(tensors: dict, metadata: dict, path) -> None:
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -88,7 +91,11 @@ def _read(path, kind: str):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path: no such file {path!r}")
-    with safe_open(path, framework="pt") as fh:
+    try:
+        fh = safe_open(path, framework="pt")
+    except Exception as exc:  # safetensors raises its own error type for a bad header
+        raise ValueError(f"path: {path!r} is not a safetensors file: {exc}") from None
+    with fh:
         meta = fh.metadata() or {}
         if meta.get("format") != FORMAT:
             raise ValueError(f"path: {path!r} is not a cersa_kernels file (metadata format={meta.get('format')!r})")
@@ -113,6 +120,35 @@ def _check_keys(expected: dict, got: dict, what: str) -> None:
         if shapes:
             parts.append(f"shape mismatches ({len(shapes)}): {shapes}")
         raise ValueError(f"{what} does not match the model: " + "; ".join(parts))
+
+
+def _mismatch(old: nn.Module, new: nn.Module) -> str:
+    """"" when the rebuilt CERSA layer has the dense module's shape and bias flag, else the difference."""
+    from .convert import _dense_numbers, _matrices
+
+    try:
+        mats = [tuple(W.shape) for _, W in _matrices(old)]
+    except AttributeError:
+        return f"cannot read the weight shape of the model's {type(old).__name__}"
+    if isinstance(new, CersaMultiheadAttention):
+        got = [(new.in_proj.out_features, new.in_proj.in_features), (new.out_proj.out_features,
+                                                                      new.out_proj.in_features)]
+        bias_old = getattr(old, "in_proj_bias", None) is not None
+        bias_new = new.in_proj.bias is not None
+    else:
+        got = [(new.out_features, new.in_features)]
+        bias_old = getattr(old, "bias", None) is not None
+        bias_new = new.bias is not None
+    if mats != got:
+        return f"the file's layer has weight shape(s) {got} (out, in), the model's {type(old).__name__} {mats}"
+    if bias_old != bias_new and not isinstance(new, CersaConv1D):
+        return (f"the file's layer {'has' if bias_new else 'has no'} bias, the model's {type(old).__name__} "
+                f"{'has' if bias_old else 'has no'} bias")
+    if isinstance(new, CersaConv2d) and (tuple(new.kernel_size) != tuple(old.kernel_size)
+                                         or tuple(new.stride) != tuple(old.stride)):
+        return (f"the file's conv has kernel {new.kernel_size} stride {new.stride}, the model's "
+                f"{tuple(old.kernel_size)} {tuple(old.stride)}")
+    return ""
 
 
 def load(path, model: nn.Module) -> nn.Module:
@@ -152,6 +188,10 @@ def load(path, model: nn.Module) -> nn.Module:
             new[name] = cls.from_config(cfg, device=w.device, dtype=w.dtype, like=old)
         except (TypeError, ValueError, KeyError) as exc:
             problems.append(f"{name}: {exc}")
+            continue
+        why = _mismatch(old, new[name])
+        if why:
+            problems.append(f"{name}: {why}")
     if problems:
         raise ValueError("model: cannot rebuild the saved CERSA layers: " + "; ".join(problems))
     expected = {}

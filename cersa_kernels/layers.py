@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backends import BACKEND_DEVICES
 from .decompose import check_rank, truncated_svd
 from .ops import cersa_linear
 
@@ -37,6 +38,14 @@ def _check_delta_rank(delta_rank, where: str = "") -> int:
     if delta_rank <= 0:
         raise ValueError(f"delta_rank{where}: expected a positive int, got {delta_rank}")
     return delta_rank
+
+
+def check_backend(backend) -> str | None:
+    """None or a known backend name (whether it can run here is checked at the first forward, on the
+    input's device).  Raises ValueError naming the known names."""
+    if backend is not None and backend not in BACKEND_DEVICES:
+        raise ValueError(f"backend: expected None or one of {sorted(BACKEND_DEVICES)}, got {backend!r}")
+    return backend
 
 
 def _check_init(init) -> str:
@@ -100,7 +109,8 @@ def _principal_split(U: Tensor, S: Tensor, Vh: Tensor, k: int, init: str):
     return moved, A, B
 
 
-def _check_delta_opts(delta_rank: int, init: str, alpha, name: str) -> float:
+def _check_delta_opts(delta_rank: int, init: str, alpha, name: str, backend=None) -> float:
+    check_backend(backend)
     _check_delta_rank(delta_rank, f" ({name})")
     _check_init(init)
     if init == "principal" and alpha is not None and _lora_scale(alpha, delta_rank) != 1.0:
@@ -110,6 +120,8 @@ def _check_delta_opts(delta_rank: int, init: str, alpha, name: str) -> float:
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     dev = x.device.type
     if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
@@ -150,7 +162,7 @@ class CersaLinear(nn.Module):
         self.scale = float(scale)
         self.energy = float(energy)
         self.init = _check_init(init)
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.U = nn.Parameter(torch.empty(out_features, frozen_rank, **kw), requires_grad=False)
         self.S = nn.Parameter(torch.empty(frozen_rank, **kw), requires_grad=bool(train_S))
         self.Vh = nn.Parameter(torch.empty(frozen_rank, in_features, **kw), requires_grad=False)
@@ -194,7 +206,7 @@ class CersaLinear(nn.Module):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
-        scale = _check_delta_opts(delta_rank, init, alpha, name)
+        scale = _check_delta_opts(delta_rank, init, alpha, name, backend)
         W = linear.weight
         U, S, Vh, info = truncated_svd(W, energy=energy, rank=rank, where=f"{name}.weight", svd=svd)
         return cls.from_factors(U, S, Vh, bias=linear.bias, delta_rank=delta_rank, scale=scale, init=init,
@@ -330,7 +342,7 @@ class CersaConv1D(CersaLinear):
         :meth:`CersaLinear.from_linear`.  Raises TypeError if ``conv`` is not a transformers Conv1D."""
         if not is_hf_conv1d(conv):
             raise TypeError(f"conv: expected a transformers Conv1D (weight (nx, nf)), got {type(conv).__name__}")
-        scale = _check_delta_opts(delta_rank, init, alpha, name)
+        scale = _check_delta_opts(delta_rank, init, alpha, name, backend)
         W = conv.weight
         U, S, Vh, info = truncated_svd(W.T, energy=energy, rank=rank, where=f"{name}.weight (transposed)",
                                        svd=svd)
@@ -443,7 +455,7 @@ class CersaConv2d(nn.Module):
         if conv.groups != 1:
             raise ValueError(f"{name}: grouped convolution (groups={conv.groups}) is not supported; "
                              f"only groups=1 Conv2d layers are converted")
-        scale = _check_delta_opts(delta_rank, init, alpha, name)
+        scale = _check_delta_opts(delta_rank, init, alpha, name, backend)
         W = conv.weight
         U, S, Vh, info = truncated_svd(W.reshape(W.shape[0], -1), energy=energy, rank=rank,
                                        where=f"{name}.weight (out x in*kh*kw)", svd=svd)

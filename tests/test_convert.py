@@ -348,9 +348,7 @@ def test_unusable_weight_names_layer_and_changes_nothing(problem, exc, pattern):
     ({"delta_rank": 0}, ValueError, "delta_rank"),
     ({"init": "svd"}, ValueError, "init"),
     ({"init": "principal", "alpha": 64}, ValueError, "alpha"),
-    pytest.param({"backend": "fortran"}, ValueError, "backend", marks=pytest.mark.xfail(
-        reason="BUG: convert (and CersaLinear.from_linear / __init__) accept an unknown backend name; the "
-               "error only comes at the first forward, after the model was changed", strict=True)),
+    ({"backend": "fortran"}, ValueError, "backend"),
 ])
 def test_bad_arguments_change_nothing(kw, exc, pattern):
     model = Toy()
@@ -372,10 +370,6 @@ def test_explicit_rank():
         assert mod.rank == mod.frozen_rank == 3
 
 
-@pytest.mark.xfail(reason="BUG: convert swaps a module reachable under two names (the same nn.Linear object "
-                          "registered twice) only under the first name: named_modules() de-duplicates, "
-                          "_set_module replaces one attribute, the other keeps the old dense layer (now "
-                          "frozen) and the report lists one row", strict=True)
 def test_module_registered_under_two_names():
     lin = nn.Linear(32, 32)
     set_decaying_spectrum(lin, 7)
@@ -471,10 +465,6 @@ def test_minilm_merge_reverses(minilm, minilm_full, minilm_inputs):
             assert rel_error(merged.get_submodule(name).weight, mod.weight) <= MINILM_TOL, name
 
 
-@pytest.mark.xfail(reason="BUG: convert._is_linear accepts any nn.Linear subclass, so a subclass that overrides "
-                          "forward (here doubling the output) is replaced by a plain CersaLinear and its behaviour "
-                          "silently lost; only subclasses that keep nn.Linear.forward should convert, the others "
-                          "be reported as skipped (or raise when named)", strict=True)
 def test_linear_subclass_with_own_forward_is_not_silently_changed():
     class Twice(nn.Linear):
         def forward(self, x):
