@@ -10,6 +10,7 @@ Options (also as environment variables, the option wins):
         (rounds = budget / time per call, between 3 and 200; tiny calls are looped per round).
   --bench-memory-batch / --bench-memory-seq / --bench-memory-steps   the MiniLM memory benchmark's
         batch, sequence length and training steps (16, 128, 4; 2, 16, 2 at size "ci").
+  --bench-threads N                (CERSA_BENCH_THREADS) torch CPU threads, 0 = torch's default.
   --bench-triton-interpreter       time Triton on the CPU through TRITON_INTERPRET (very slow;
         skipped by default: the interpreter is a correctness tool, not a performance path).
 """
@@ -37,6 +38,9 @@ def pytest_addoption(parser):
                     help=f"memory benchmark {name} (default {default}; smaller at --bench-size=ci)")
     g.addoption("--bench-triton-interpreter", action="store_true", default=False,
                 help="also time Triton on the CPU (TRITON_INTERPRET=1): very slow")
+    g.addoption("--bench-threads", type=int, default=int(os.environ.get("CERSA_BENCH_THREADS", "0")),
+                help="torch CPU threads for the benchmarks (0 = torch's default).  1 gives repeatable "
+                     "ratios on a shared machine, where a descheduled second thread stalls a GEMM")
 
 
 def bench_size(config) -> str:
@@ -139,6 +143,11 @@ _LOAD_AT_START: tuple[float, float, float] | None = None
 
 def pytest_sessionstart(session):
     global _LOAD_AT_START
+    threads = session.config.getoption("--bench-threads")
+    if threads and threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         _LOAD_AT_START = os.getloadavg()
     except OSError:

@@ -182,6 +182,22 @@ def round_rank(rank: int, max_rank: int, *, cap: int | None = None, multiple: in
     return min(rank, max_rank)
 
 
+def _check_target(W: Tensor, energy, rank, where: str) -> tuple[float | None, int | None, int, int, int]:
+    """Check a decomposition request: exactly one of ``energy`` / ``rank``, a usable weight W (m, n).
+    Returns (checked energy or None, checked rank or None, m, n, p = min(m, n)); raises
+    ValueError/TypeError naming ``where``."""
+    if (energy is None) == (rank is None):
+        raise ValueError(f"{where}: give exactly one of energy= and rank=, got energy={energy!r}, rank={rank!r}")
+    if energy is not None:
+        energy = check_energy(energy)
+    check_weight(W, where)
+    m, n = W.shape
+    p = min(m, n)
+    if rank is not None:
+        rank = check_rank(rank, p, where=f" ({where})")
+    return energy, rank, m, n, p
+
+
 def _cdtype(W: Tensor) -> torch.dtype:
     return torch.float64 if W.dtype == torch.float64 else torch.float32
 
@@ -206,15 +222,7 @@ def randomized_svd(W: Tensor, energy: float | None = None, rank: int | None = No
     Returns U (m, r), S (r,), Vh (r, n), DecompositionInfo (singular_values: the l values computed,
     not all p; numerical_rank counted among them).
     """
-    if (energy is None) == (rank is None):
-        raise ValueError(f"{where}: give exactly one of energy= and rank=, got energy={energy!r}, rank={rank!r}")
-    if energy is not None:
-        energy = check_energy(energy)
-    check_weight(W, where)
-    m, n = W.shape
-    p = min(m, n)
-    if rank is not None:
-        rank = check_rank(rank, p, where=f" ({where})")
+    energy, rank, m, n, p = _check_target(W, energy, rank, where)
     cd = _cdtype(W)
     with torch.no_grad(), _svd_threads(W):
         Wc = W.detach().to(cd)
@@ -273,15 +281,7 @@ def truncated_svd(W: Tensor, energy: float | None = None, rank: int | None = Non
     Math: DESIGN.md "Notation"; the paper's Sec. 3 (energy-retaining truncation).
     """
     check_svd(svd)
-    if (energy is None) == (rank is None):
-        raise ValueError(f"{where}: give exactly one of energy= and rank=, got energy={energy!r}, rank={rank!r}")
-    if energy is not None:
-        energy = check_energy(energy)
-    check_weight(W, where)
-    m, n = W.shape
-    p = min(m, n)
-    if rank is not None:
-        rank = check_rank(rank, p, where=f" ({where})")
+    energy, rank, m, n, p = _check_target(W, energy, rank, where)
     if svd == "auto":
         svd = "randomized" if p >= AUTO_RANDOMIZED_MIN_DIM and (energy is None or energy < 1.0) else "full"
     if svd == "randomized":

@@ -62,6 +62,22 @@ def _lora_scale(alpha, delta_rank: int) -> float:
     return float(alpha) / delta_rank
 
 
+def _add_factors(layer: nn.Module, m: int, n: int, frozen_rank: int, delta_rank: int, bias: bool,
+                 train_S: bool, train_bias: bool, kw: dict) -> None:
+    """Register uninitialised parameters U (m, frozen_rank), S (frozen_rank,), Vh (frozen_rank, n)
+    (frozen; S trainable with train_S), A (delta_rank, n), B (m, delta_rank) (trainable) and bias
+    (m,) or None (trainable with train_bias) on ``layer``, in that order; ``kw``: device / dtype."""
+    layer.U = nn.Parameter(torch.empty(m, frozen_rank, **kw), requires_grad=False)
+    layer.S = nn.Parameter(torch.empty(frozen_rank, **kw), requires_grad=bool(train_S))
+    layer.Vh = nn.Parameter(torch.empty(frozen_rank, n, **kw), requires_grad=False)
+    layer.A = nn.Parameter(torch.empty(delta_rank, n, **kw))
+    layer.B = nn.Parameter(torch.empty(m, delta_rank, **kw))
+    if bias:
+        layer.bias = nn.Parameter(torch.empty(m, **kw), requires_grad=bool(train_bias))
+    else:
+        layer.register_parameter("bias", None)
+
+
 def _fill(layer, U, S, Vh, A, B, bias, moved: int, dtype) -> None:
     """Copy the split factors into ``layer``'s parameters (rounded once to ``dtype``)."""
     with torch.no_grad():
@@ -163,15 +179,7 @@ class CersaLinear(nn.Module):
         self.energy = float(energy)
         self.init = _check_init(init)
         self.backend = check_backend(backend)
-        self.U = nn.Parameter(torch.empty(out_features, frozen_rank, **kw), requires_grad=False)
-        self.S = nn.Parameter(torch.empty(frozen_rank, **kw), requires_grad=bool(train_S))
-        self.Vh = nn.Parameter(torch.empty(frozen_rank, in_features, **kw), requires_grad=False)
-        self.A = nn.Parameter(torch.empty(delta_rank, in_features, **kw))
-        self.B = nn.Parameter(torch.empty(out_features, delta_rank, **kw))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=bool(train_bias))
-        else:
-            self.register_parameter("bias", None)
+        _add_factors(self, out_features, in_features, frozen_rank, delta_rank, bias, train_S, train_bias, kw)
 
     @property
     def frozen_rank(self) -> int:
@@ -428,15 +436,7 @@ class CersaConv2d(nn.Module):
         self.init = _check_init(init)
         self.backend = backend
         kw = {"device": device, "dtype": dtype}
-        self.U = nn.Parameter(torch.empty(self.out_channels, frozen_rank, **kw), requires_grad=False)
-        self.S = nn.Parameter(torch.empty(frozen_rank, **kw), requires_grad=bool(train_S))
-        self.Vh = nn.Parameter(torch.empty(frozen_rank, n, **kw), requires_grad=False)
-        self.A = nn.Parameter(torch.empty(delta_rank, n, **kw))
-        self.B = nn.Parameter(torch.empty(self.out_channels, delta_rank, **kw))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(self.out_channels, **kw), requires_grad=bool(train_bias))
-        else:
-            self.register_parameter("bias", None)
+        _add_factors(self, self.out_channels, n, frozen_rank, delta_rank, bias, train_S, train_bias, kw)
 
     @property
     def frozen_rank(self) -> int:

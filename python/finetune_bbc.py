@@ -37,13 +37,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import resource  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -59,6 +54,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import bbc_data  # noqa: E402
+from _frontend import (compare_in_subprocesses, current_rss_mib, method_table, mib, param_stats,  # noqa: E402
+                       peak_rss_mib, reset_peak_rss, run_main)
 
 METHODS = ("cersa", "lora", "full")
 
@@ -72,46 +69,6 @@ DEFAULT_HEAD_LR = 2e-3
 
 #: number of nn.Linear layers of all-MiniLM-L6-v2's BertModel (6 layers x 6 + the pooler).
 MINILM_LINEAR_LAYERS = 37
-
-
-# ----------------------------------------------------------------------------------------------
-# memory and timing helpers
-# ----------------------------------------------------------------------------------------------
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process in MiB: VmHWM from /proc/self/status (Linux), else
-    ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (KiB on Linux, bytes on macOS)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return ru / 2**20 if sys.platform == "darwin" else ru / 1024.0
-
-
-def current_rss_mib() -> float:
-    """Current resident set size in MiB (VmRSS), NaN where /proc is missing."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return float("nan")
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark of this process (Linux: write 5 to /proc/self/clear_refs);
-    True when it worked, so a later ``peak_rss_mib()`` measures from now on."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,20 +141,6 @@ def linear_base_bytes(encoder: nn.Module) -> tuple[int, int]:
             count += 1
             nbytes += mod.weight.numel() * mod.weight.element_size()
     return count, nbytes
-
-
-def param_stats(model: nn.Module) -> dict:
-    """trainable / frozen parameter counts and bytes of ``model`` (shared tensors once)."""
-    seen: set[int] = set()
-    st = {"trainable": 0, "frozen": 0, "trainable_bytes": 0, "frozen_bytes": 0}
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        key = "trainable" if p.requires_grad else "frozen"
-        st[key] += p.numel()
-        st[key + "_bytes"] += p.numel() * p.element_size()
-    return st
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,38 +405,16 @@ def run_method(method: str, args) -> dict:
 # ----------------------------------------------------------------------------------------------
 # table
 # ----------------------------------------------------------------------------------------------
-def _mib(nbytes: float) -> str:
-    return f"{nbytes / 2**20:.2f}"
-
-
 def format_table(rows: list[dict]) -> str:
     """One markdown table, one row per method, plus the notes that define its columns."""
-    head = ["method", "accuracy", "trainable params", "Linear base weights (MiB)", "total params (MiB)",
-            "peak RSS (MiB)", "train peak RSS (MiB)", "s / step", "lr"]
-    body = []
-    for r in rows:
-        kind = "frozen" if r["linear_base_frozen"] else "trained"
-        ratio = r["linear_base_bytes"] / r["dense_linear_bytes"] if r["dense_linear_bytes"] else float("nan")
-        body.append([
-            r["method"],
-            f"{100 * r['accuracy']:.2f} %",
-            f"{r['trainable']:,}",
-            f"{_mib(r['linear_base_bytes'])} {kind} ({ratio:.3f}x dense)",
-            _mib(r["total_param_bytes"]),
-            f"{r['peak_rss_mib']:.0f}",
-            "n/a" if math.isnan(r["train_peak_rss_mib"]) else f"{r['train_peak_rss_mib']:.0f}",
-            f"{r['s_per_step']:.3f}",
-            f"{r['lr']:g}",
-        ])
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-    out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(b) for b in body]
+    out = method_table(rows, "Linear base weights (MiB)", "linear_base_bytes", "dense_linear_bytes",
+                       "linear_base_frozen")
     r0 = rows[0]
     out.append("")
     out.append(f"accuracy on {r0['n_test']} held-out articles (seeded stratified 80/20 split, no duplicate "
                f"text across the split); {r0['n_train']} training articles.")
     out.append(f"Linear base weights: W of the encoder's {r0['linear_layers']} nn.Linear layers (dense "
-               f"{_mib(r0['dense_linear_bytes'])} MiB), or U, S, Vh for CERSA layers; LoRA/CERSA deltas and "
+               f"{mib(r0['dense_linear_bytes'])} MiB), or U, S, Vh for CERSA layers; LoRA/CERSA deltas and "
                f"biases excluded.  total params: every parameter of encoder + head.")
     out.append("peak RSS: VmHWM of the method's own process (load, conversion, training, evaluation); "
                "train peak RSS: VmHWM reset just before the first step.  s / step: median wall time of a "
@@ -580,46 +501,17 @@ def _child_argv(args, method: str, result_json: str) -> list[str]:
 def compare(args) -> list[dict]:
     """Run every method in its own subprocess (same arguments); returns their rows in METHODS order.
     Raises RuntimeError naming the methods whose process failed."""
-    rows, failed = [], []
-    with tempfile.TemporaryDirectory(prefix="finetune_bbc_") as tmp:
-        for method in METHODS:
-            out = os.path.join(tmp, f"{method}.json")
-            if not args.quiet:
-                print(f"\n=== {method} (own process) ===", flush=True)
-            proc = subprocess.run(_child_argv(args, method, out), env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            if proc.returncode != 0 or not os.path.exists(out):
-                failed.append(f"{method} (exit code {proc.returncode})")
-                continue
-            with open(out) as f:
-                rows.append(json.load(f))
-    if failed:
-        if rows:
-            print(format_table(rows))
-        raise RuntimeError(f"--compare: these runs failed: {', '.join(failed)}")
-    return rows
+    return compare_in_subprocesses(METHODS, lambda method, out: _child_argv(args, method, out), format_table,
+                                   quiet=args.quiet, prefix="finetune_bbc_",
+                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Parse ``argv`` (default sys.argv[1:]), run, print the table; returns the table's rows."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_args(parser, args)
-    torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    if args.method is None:
-        rows = compare(args)
-    else:
-        rows = [run_method(args.method, args)]
-        if args.result_json:
-            with open(args.result_json, "w") as f:
-                json.dump(rows[0], f)
-            return rows
-    print()
-    print(f"all-MiniLM-L6-v2 on BBC News: {args.steps} steps of batch {args.batch_size}, max length "
-          f"{args.max_length}, seed {args.seed}, CERSA energy {args.energy} / delta rank {args.delta_rank}, "
-          f"LoRA rank {args.delta_rank}, {args.threads} threads; wall time {time.perf_counter() - t0:.0f} s")
-    print(format_table(rows))
-    return rows
+    return run_main(argv, build_parser, check_args, run_method, compare, format_table,
+                    lambda args: f"all-MiniLM-L6-v2 on BBC News: {args.steps} steps of batch {args.batch_size}, "
+                                 f"max length {args.max_length}, seed {args.seed}, CERSA energy {args.energy} / "
+                                 f"delta rank {args.delta_rank}, LoRA rank {args.delta_rank}, {args.threads} threads")
 
 
 if __name__ == "__main__":

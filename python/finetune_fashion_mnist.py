@@ -24,14 +24,11 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import math
 import os
 import statistics
 import struct
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +43,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import _mobilenet  # noqa: E402
+from _frontend import (compare_in_subprocesses, method_table, mib, param_stats, reset_peak_rss,  # noqa: E402
+                       run_main, status_mib)
 
 METHODS = ("cersa", "full", "head")
 DEFAULT_LR = {"cersa": 1e-3, "full": 3e-4, "head": 1e-3}
@@ -98,26 +97,6 @@ def to_input(images: torch.Tensor, size: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # measurement
 # ----------------------------------------------------------------------------------------------
-def _status(key: str) -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return float("nan")
-
-
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def base_weight_bytes(model: nn.Module) -> tuple[int, int]:
     """(layers, bytes) of the conv/linear base weights: W of dense Conv2d/Linear, U, S, Vh of CERSA
     layers (deltas and biases excluded)."""
@@ -132,15 +111,6 @@ def base_weight_bytes(model: nn.Module) -> tuple[int, int]:
             count += 1
             nbytes += mod.weight.numel() * mod.weight.element_size()
     return count, nbytes
-
-
-def param_stats(model: nn.Module) -> dict:
-    st = {"trainable": 0, "frozen": 0, "trainable_bytes": 0, "frozen_bytes": 0}
-    for p in model.parameters():
-        key = "trainable" if p.requires_grad else "frozen"
-        st[key] += p.numel()
-        st[key + "_bytes"] += p.numel() * p.element_size()
-    return st
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,13 +187,13 @@ def run_method(method: str, args) -> dict:
         if not args.quiet and (step + 1) % args.log_every == 0:
             print(f"[{method}] step {step + 1:4d}/{args.steps}  loss {statistics.fmean(losses[-args.log_every:]):.4f}  "
                   f"{statistics.median(times[-args.log_every:]):.3f} s/step", flush=True)
-    train_peak = _status("VmHWM:") if peak_reset else float("nan")
+    train_peak = status_mib("VmHWM:") if peak_reset else float("nan")
     acc = evaluate(model, xte, yte, args.image_size)
     timed = times[1:] if len(times) > 1 else times
     row = {"method": method, "accuracy": acc, "n_test": len(xte), "trainable": stats["trainable"],
            "frozen": stats["frozen"], "total_param_bytes": stats["trainable_bytes"] + stats["frozen_bytes"],
            "base_layers": n_base, "base_bytes": base_bytes, "base_frozen": method != "full",
-           "peak_rss_mib": _status("VmHWM:"), "train_peak_rss_mib": train_peak,
+           "peak_rss_mib": status_mib("VmHWM:"), "train_peak_rss_mib": train_peak,
            "s_per_step": statistics.median(timed) if timed else float("nan"), "lr": lr, "head_lr": args.head_lr,
            "final_loss": statistics.fmean(losses[-args.log_every:]) if losses else float("nan"),
            "setup_s": setup_s, "total_s": time.perf_counter() - t_start, **extra}
@@ -237,21 +207,7 @@ def run_method(method: str, args) -> dict:
 # ----------------------------------------------------------------------------------------------
 def format_table(rows: list[dict]) -> str:
     """One markdown table, one row per method, plus notes defining the columns."""
-    mib = lambda b: f"{b / 2**20:.2f}"
-    head = ["method", "accuracy", "trainable params", "conv/linear base weights (MiB)", "total params (MiB)",
-            "peak RSS (MiB)", "train peak RSS (MiB)", "s / step", "lr"]
-    body = []
-    for r in rows:
-        kind = "frozen" if r["base_frozen"] else "trained"
-        ratio = r["base_bytes"] / r["dense_base_bytes"] if r["dense_base_bytes"] else float("nan")
-        body.append([r["method"], f"{100 * r['accuracy']:.2f} %", f"{r['trainable']:,}",
-                     f"{mib(r['base_bytes'])} {kind} ({ratio:.3f}x dense)", mib(r["total_param_bytes"]),
-                     f"{r['peak_rss_mib']:.0f}",
-                     "n/a" if math.isnan(r["train_peak_rss_mib"]) else f"{r['train_peak_rss_mib']:.0f}",
-                     f"{r['s_per_step']:.3f}", f"{r['lr']:g}"])
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-    out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(b) for b in body]
+    out = method_table(rows, "conv/linear base weights (MiB)", "base_bytes", "dense_base_bytes", "base_frozen")
     r0 = rows[0]
     out += ["", f"accuracy on {r0['n_test']} Fashion-MNIST test images (seeded sample).  conv/linear base "
                 f"weights: W of every Conv2d/Linear of MobileNetV2 with the new head (dense "
@@ -303,53 +259,26 @@ def check_args(p, args) -> None:
         p.error(f"--energy must be in (0, 1], got {args.energy}")
 
 
+def _child_argv(args, method: str, result_json: str) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--method", method, "--result-json", result_json,
+            "--energy", repr(args.energy), "--delta-rank", str(args.delta_rank), "--steps", str(args.steps),
+            "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
+            "--test-size", str(args.test_size), "--data", args.data, "--seed", str(args.seed),
+            "--head-lr", repr(args.head_lr), "--threads", str(args.threads), "--log-every",
+            str(args.log_every)] + (["--lr", repr(args.lr)] if args.lr is not None else []) \
+        + (["--quiet"] if args.quiet else [])
+
+
 def compare(args) -> list[dict]:
-    rows, failed = [], []
-    with tempfile.TemporaryDirectory(prefix="finetune_fmnist_") as tmp:
-        for method in args.methods:
-            out = os.path.join(tmp, f"{method}.json")
-            argv = [sys.executable, str(Path(__file__).resolve()), "--method", method, "--result-json", out,
-                    "--energy", repr(args.energy), "--delta-rank", str(args.delta_rank), "--steps", str(args.steps),
-                    "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
-                    "--test-size", str(args.test_size), "--data", args.data, "--seed", str(args.seed),
-                    "--head-lr", repr(args.head_lr), "--threads", str(args.threads), "--log-every",
-                    str(args.log_every)] + (["--lr", repr(args.lr)] if args.lr is not None else []) \
-                + (["--quiet"] if args.quiet else [])
-            if not args.quiet:
-                print(f"\n=== {method} (own process) ===", flush=True)
-            proc = subprocess.run(argv)
-            if proc.returncode != 0 or not os.path.exists(out):
-                failed.append(f"{method} (exit code {proc.returncode})")
-                continue
-            with open(out) as f:
-                rows.append(json.load(f))
-    if failed:
-        if rows:
-            print(format_table(rows))
-        raise RuntimeError(f"--compare: these runs failed: {', '.join(failed)}")
-    return rows
+    return compare_in_subprocesses(args.methods, lambda method, out: _child_argv(args, method, out), format_table,
+                                   quiet=args.quiet, prefix="finetune_fmnist_")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_args(parser, args)
-    torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    if args.method is None:
-        rows = compare(args)
-    else:
-        rows = [run_method(args.method, args)]
-        if args.result_json:
-            with open(args.result_json, "w") as f:
-                json.dump(rows[0], f)
-            return rows
-    print()
-    print(f"MobileNetV2 (ImageNet) on Fashion-MNIST: {args.steps} steps of batch {args.batch_size}, "
-          f"{args.image_size}x{args.image_size} images, seed {args.seed}, CERSA energy {args.energy} / delta rank "
-          f"{args.delta_rank}, {args.threads} threads; wall time {time.perf_counter() - t0:.0f} s")
-    print(format_table(rows))
-    return rows
+    return run_main(argv, build_parser, check_args, run_method, compare, format_table,
+                    lambda args: f"MobileNetV2 (ImageNet) on Fashion-MNIST: {args.steps} steps of batch "
+                                 f"{args.batch_size}, {args.image_size}x{args.image_size} images, seed {args.seed}, "
+                                 f"CERSA energy {args.energy} / delta rank {args.delta_rank}, {args.threads} threads")
 
 
 if __name__ == "__main__":
