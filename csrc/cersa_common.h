@@ -11,6 +11,7 @@
 #include <c10/util/Optional.h>
 
 #include <algorithm>
+#include <array>
 #include <sstream>
 #include <string>
 
@@ -92,6 +93,41 @@ inline at::Tensor blas_ready(const at::Tensor& t) {
   const bool row_major = t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(1, cols);
   const bool col_major = t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(1, rows);
   return (row_major || col_major) ? t : t.contiguous();
+}
+
+// Checks the inputs of linear_backward (CPU and CUDA alike) against the factors and the `needs`
+// flags (x, U, S, Vh, A, B, bias); sets m, r, n, k.  Errors name the argument, expected and got.
+inline void check_backward_inputs(const at::Tensor& dy, const std::optional<at::Tensor>& x,
+                                  const std::optional<at::Tensor>& h_k,
+                                  const std::optional<at::Tensor>& xv, const at::Tensor& U,
+                                  const at::Tensor& S, const at::Tensor& Vh,
+                                  const std::optional<at::Tensor>& A,
+                                  const std::optional<at::Tensor>& B, const std::array<bool, 7>& needs,
+                                  int64_t& m, int64_t& r, int64_t& n, int64_t& k) {
+  TORCH_CHECK(dy.defined() && dy.dim() == 2, "cersa: dy: expected a 2-D tensor (N, out_features)",
+              dy.defined() ? ", got shape " + shape_str(dy) : ", got None");
+  check_factors(dy, U, S, Vh, A, B, m, r, n, k);
+  check_size("dy", dy, 1, m, "out_features = U.size(0)");
+  const int64_t N = dy.size(0);
+  const bool has_delta = present(A);
+  if (needs[3] || (needs[4] && has_delta)) {
+    TORCH_CHECK(present(x), "cersa: x: expected the saved input (needed for dVh or dA), got None");
+    check_tensor("x", *x, 2, dy);
+    check_size("x", *x, 0, N, "N = dy.size(0)");
+    check_size("x", *x, 1, n, "in_features = Vh.size(1)");
+  }
+  if ((needs[1] || needs[2]) && r > 0) {
+    TORCH_CHECK(present(xv), "cersa: xv: expected the saved x Vh^T (needed for dU or dS), got None");
+    check_tensor("xv", *xv, 2, dy);
+    check_size("xv", *xv, 0, N, "N = dy.size(0)");
+    check_size("xv", *xv, 1, r, "rank = U.size(1)");
+  }
+  if (needs[5] && has_delta) {
+    TORCH_CHECK(present(h_k), "cersa: h_k: expected the saved s x A^T (needed for dB), got None");
+    check_tensor("h_k", *h_k, 2, dy);
+    check_size("h_k", *h_k, 0, N, "N = dy.size(0)");
+    check_size("h_k", *h_k, 1, k, "delta_rank = A.size(0)");
+  }
 }
 
 }  // namespace cersa

@@ -107,30 +107,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backwa
   optional<Tensor> x = x_in;
   if (present(x) && x->dim() == 2) x = blas_ready(*x);
   int64_t m, r, n, k;
-  TORCH_CHECK(dy.defined() && dy.dim() == 2, "cersa: dy: expected a 2-D tensor (N, out_features)");
-  check_factors(dy, U, S, Vh, A, B, m, r, n, k);
-  check_size("dy", dy, 1, m, "out_features = U.size(0)");
+  check_backward_inputs(dy, x, h_k, xv, U, S, Vh, A, B, needs, m, r, n, k);
   c10::cuda::CUDAGuard guard(dy.device());
   const int64_t N = dy.size(0);
   const bool has_delta = present(A);
   const bool need_x = needs[0], need_U = needs[1], need_S = needs[2], need_Vh = needs[3];
   const bool need_A = needs[4] && has_delta, need_B = needs[5] && has_delta, need_bias = needs[6];
-  if (need_Vh || need_A) {
-    TORCH_CHECK(present(x), "cersa: x: expected the saved input (needed for dVh or dA), got None");
-    check_tensor("x", *x, 2, dy);
-    check_size("x", *x, 0, N, "N = dy.size(0)");
-  }
-  if ((need_U || need_S) && r > 0) {
-    TORCH_CHECK(present(xv), "cersa: xv: expected the saved x Vh^T (needed for dU or dS), got None");
-    check_tensor("xv", *xv, 2, dy);
-    check_size("xv", *xv, 0, N, "N = dy.size(0)");
-    check_size("xv", *xv, 1, r, "rank = U.size(1)");
-  }
-  if (need_B) {
-    TORCH_CHECK(present(h_k), "cersa: h_k: expected the saved s x A^T (needed for dB), got None");
-    check_tensor("h_k", *h_k, 2, dy);
-    check_size("h_k", *h_k, 1, k, "delta_rank = A.size(0)");
-  }
   const auto opts = dy.options();
   auto none = [&] { return at::empty({0}, opts); };
   auto stream = at::cuda::getCurrentCUDAStream();
