@@ -21,8 +21,8 @@ from torch import Tensor
 
 from .decompose import (allocate_budget, check_energy, check_rank, check_svd, energy_rank, round_rank,
                         singular_values, truncated_svd, uniform_energy_for_budget, AUTO_RANDOMIZED_MIN_DIM)
-from .layers import (CersaConv1D, CersaConv2d, CersaLinear, CersaMultiheadAttention, _check_delta_rank,
-                     _check_init, _lora_scale, check_backend, is_hf_conv1d, mha_unsupported_reason)
+from .layers import (CersaConv1D, CersaConv2d, CersaLinear, CersaMultiheadAttention, _check_delta_opts,
+                     is_hf_conv1d, mha_unsupported_reason)
 
 __all__ = ["ConversionReport", "LayerRecord", "ParamCount", "Plan", "convert", "count_parameters", "get_report",
            "merge", "plan", "cersa_modules", "CONVERTERS", "UNSUPPORTED", "CERSA_LAYERS"]
@@ -546,10 +546,8 @@ def convert(model: nn.Module, energy: float | None = 0.93, *, rank: int | None =
     else:
         energy = None
     _check_policies(max_rank, rank_multiple, budget, svd, max_frozen_ratio)
-    check_backend(backend)
-    _check_delta_rank(delta_rank)  # checked here too, so a model with nothing to convert still refuses them
-    _check_init(init)
-    _lora_scale(alpha, delta_rank)
+    # checked here too, so that a model with nothing left to convert still refuses bad arguments
+    _check_delta_opts(delta_rank, init, alpha, backend=backend)
     report = ConversionReport(energy=energy)
     todo, names = _collect(model, target_modules, exclude, report)
     opts = dict(delta_rank=delta_rank, alpha=alpha, init=init, train_S=train_S, train_bias=train_bias,
@@ -704,7 +702,7 @@ def plan(model: nn.Module, energies=(0.93,), *, budget: float | None = None, max
     _check_policies(max_rank, rank_multiple, budget, "full", max_frozen_ratio)
     report = ConversionReport()
     todo, _ = _collect(model, target_modules, exclude, report)
-    layers, spectra, Wshapes = [], {}, []
+    layers, spectra = [], {}
     for name, mod, _, kind in todo:
         mats = _matrices(mod)
         for label, W in mats:

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from . import __version__
-from .convert import CERSA_LAYERS, ConversionReport, LayerRecord, _dense_numbers, _set_module, _stored, cersa_modules
+from .convert import (CERSA_LAYERS, ConversionReport, LayerRecord, _dense_numbers, _matrices, _set_module, _stored,
+                      cersa_modules)
 from .layers import CersaConv1D, CersaConv2d, CersaLinear, CersaMultiheadAttention
 
 __all__ = ["save", "load", "save_adapter", "load_adapter", "LAYER_TYPES"]
@@ -50,10 +51,6 @@ def _write_atomic(tensors: dict, metadata: dict, path) -> None:
         raise
 
 
-def _cersa_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return cersa_modules(model)
-
-
 def _dedup(state: dict) -> tuple[dict, dict]:
     """Keep one name per storage (safetensors refuses shared tensors); return tensors and aliases."""
     out, aliases, seen = {}, {}, {}
@@ -74,7 +71,7 @@ def save(model: nn.Module, path) -> None:
 
     Raises ValueError if the model holds no CERSA layer (use safetensors directly for plain models).
     """
-    layers = _cersa_layers(model)
+    layers = cersa_modules(model)
     if not layers:
         raise ValueError("model: expected a model converted by cersa_kernels.convert, found no CERSA layer")
     tensors, aliases = _dedup(model.state_dict())
@@ -124,8 +121,6 @@ def _check_keys(expected: dict, got: dict, what: str) -> None:
 
 def _mismatch(old: nn.Module, new: nn.Module) -> str:
     """"" when the rebuilt CERSA layer has the dense module's shape and bias flag, else the difference."""
-    from .convert import _dense_numbers, _matrices
-
     try:
         mats = [tuple(W.shape) for _, W in _matrices(old)]
     except AttributeError:
@@ -221,7 +216,7 @@ def save_adapter(model: nn.Module, path) -> None:
     """Write only what was trained (every parameter with requires_grad: the deltas A, B and, when
     trained, S, biases, or a task head) plus the CERSA layer configs, atomically.  The base
     model is rebuilt by converting the same pretrained model with the same settings."""
-    layers = _cersa_layers(model)
+    layers = cersa_modules(model)
     if not layers:
         raise ValueError("model: expected a model converted by cersa_kernels.convert, found no CERSA layer")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -245,7 +240,7 @@ def load_adapter(path, model: nn.Module) -> nn.Module:
         if kept in tensors:
             tensors[dropped] = tensors[kept]
     layers = json.loads(meta["layers"])
-    ours = _cersa_layers(model)
+    ours = cersa_modules(model)
     diffs = []
     for name, cfg in layers.items():
         mod = ours.get(name)

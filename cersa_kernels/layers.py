@@ -125,9 +125,11 @@ def _principal_split(U: Tensor, S: Tensor, Vh: Tensor, k: int, init: str):
     return moved, A, B
 
 
-def _check_delta_opts(delta_rank: int, init: str, alpha, name: str, backend=None) -> float:
+def _check_delta_opts(delta_rank: int, init: str, alpha, name: str = "", backend=None) -> float:
+    """Check backend, delta_rank, init and alpha together; returns the delta scale.  ``name`` (a layer
+    name, or "" for model-wide arguments) is added to the delta_rank error."""
     check_backend(backend)
-    _check_delta_rank(delta_rank, f" ({name})")
+    _check_delta_rank(delta_rank, f" ({name})" if name else "")
     _check_init(init)
     if init == "principal" and alpha is not None and _lora_scale(alpha, delta_rank) != 1.0:
         raise ValueError(f"alpha: init='principal' fixes scale = 1 (A, B carry sqrt(S)); got alpha={alpha!r} "

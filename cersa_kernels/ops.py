@@ -127,7 +127,7 @@ def cersa_linear(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None =
     """
     _check_tensor("x", x)
     if x.dim() < 1:
-        raise ValueError(f"x: expected at least 1 dimension (..., in_features), got a 0-D tensor")
+        raise ValueError("x: expected at least 1 dimension (..., in_features), got a 0-D tensor")
     _check_tensor("U", U, 2)
     _check_tensor("S", S, 1)
     _check_tensor("Vh", Vh, 2)
