@@ -3,7 +3,8 @@
 Install with torch already present: ``pip install -e . --no-build-isolation``.
 
 Extensions (torch.utils.cpp_extension, built with ninja when it is installed):
-  cersa_kernels._C       CPU kernels + the cersa:: op schemas (csrc/cersa_ops.cpp, csrc/cpu/).
+  cersa_kernels._C       CPU kernels, the cersa:: op schemas and the C++ autograd of
+                         cersa::linear (csrc/cersa_ops.cpp, csrc/cersa_autograd.cpp, csrc/cpu/).
                          Built always, unless CERSA_BUILD_CPP=0.
   cersa_kernels._C_cuda  CUDA kernels (csrc/cuda/): built when torch is a CUDA build and nvcc is
                          found (CUDA_HOME or PATH); CERSA_BUILD_CUDA=1 forces it (the build fails
@@ -55,7 +56,8 @@ def _extensions():
     cxx = ["-O3", "-fopenmp", "-fno-math-errno"]
     exts = [CppExtension(
         name="cersa_kernels._C",
-        sources=_rel([os.path.join(ROOT, "csrc", "cersa_ops.cpp")]
+        sources=_rel([os.path.join(ROOT, "csrc", "cersa_ops.cpp"),
+                      os.path.join(ROOT, "csrc", "cersa_autograd.cpp")]
                      + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))),
         extra_compile_args={"cxx": cxx},
         extra_link_args=["-fopenmp"],

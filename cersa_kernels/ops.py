@@ -105,6 +105,18 @@ class _CersaLinearFunction(torch.autograd.Function):
         return (None, None) + tuple(grads)
 
 
+@torch.compiler.assume_constant_result
+def _has_own_autograd(name: str) -> bool:
+    """Whether backend ``name`` brings its own differentiable ``linear`` (C++ autograd)."""
+    return hasattr(load_backend(name), "linear")
+
+
+def _apply(name: str, scale: float, x, U, S, Vh, A, B, bias):
+    if _has_own_autograd(name):
+        return load_backend(name).linear(x, U, S, Vh, A, B, bias, scale)
+    return _CersaLinearFunction.apply(name, scale, x, U, S, Vh, A, B, bias)
+
+
 def cersa_linear(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None = None,
                  B: Tensor | None = None, bias: Tensor | None = None, scale: float = 1.0,
                  backend: str | None = None) -> Tensor:
@@ -182,9 +194,9 @@ def cersa_linear(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None =
     x2d = x.reshape(-1, n)
     if autocast:  # the tensors are cast already; the backend must see them as they are
         with torch.autocast(dev, enabled=False):
-            y = _CersaLinearFunction.apply(name, scale, x2d, U, S, Vh, A, B, bias)
+            y = _apply(name, scale, x2d, U, S, Vh, A, B, bias)
     else:
-        y = _CersaLinearFunction.apply(name, scale, x2d, U, S, Vh, A, B, bias)
+        y = _apply(name, scale, x2d, U, S, Vh, A, B, bias)
     if x.dim() == 2:
         return y
     # A fresh tensor, not a view of the (N, m) result (as torch.matmul does for N-D inputs): FSDP2

@@ -1,7 +1,8 @@
 // Op schemas of the `cersa` namespace and the Python module stub of cersa_kernels._C.
 //
-// The schemas are the public kernel API (DESIGN.md "Forward" / "Backward"); the CPU kernels are
-// registered in cpu/cersa_cpu.cpp, the CUDA ones in cuda/cersa_cuda_ops.cpp (a second extension,
+// The schemas are the public kernel API (DESIGN.md "Forward" / "Backward"); the autograd of
+// cersa::linear is in cersa_autograd.cpp, the CPU kernels are registered in cpu/cersa_cpu.cpp,
+// the CUDA ones in cuda/cersa_cuda_ops.cpp (a second extension,
 // cersa_kernels._C_cuda), and the fake (meta) kernels from Python in
 // cersa_kernels/backends/_cpp_ops.py.
 //
@@ -24,6 +25,12 @@ TORCH_LIBRARY(cersa, m) {
       "linear_backward(Tensor dy, Tensor? x, Tensor? h_k, Tensor? xv, Tensor U, Tensor S, "
       "Tensor Vh, Tensor? A, Tensor? B, float scale, bool[7] needs) -> (Tensor dx, Tensor dU, "
       "Tensor dS, Tensor dVh, Tensor dA, Tensor dB, Tensor dbias)",
+      {at::Tag::pt2_compliant_tag});
+  // The differentiable op: y (N, m) = x Vh^T diag(S) U^T + s (x A^T) B^T + bias, with its autograd
+  // in C++ (cersa_autograd.cpp) calling the two kernels above.
+  m.def(
+      "linear(Tensor x, Tensor U, Tensor S, Tensor Vh, Tensor? A, Tensor? B, Tensor? bias, "
+      "float scale) -> Tensor",
       {at::Tag::pt2_compliant_tag});
 }
 

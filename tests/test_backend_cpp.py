@@ -94,7 +94,8 @@ SHAPES = [  # (N, n, m, r, k)
     (37, 29, 23, 11, 5),   # odd sizes, none a multiple of 16
     (1, 33, 17, 7, 3),     # one row
     (0, 19, 13, 6, 2),     # no rows
-    (130, 64, 96, 40, 16),
+    (130, 64, 96, 40, 16),  # N >= 128: h and dh are column-major inside the kernels
+    (257, 35, 29, 17, 3),   # column-major with odd sizes
     (9, 12, 10, 0, 4),     # rank 0: only the delta
 ]
 
@@ -135,9 +136,11 @@ def test_backend_matches_dense_float64(dtype, shape, layout):
     (True, False, False, False, False, False, False),  # dx only
     (False, True, False, True, False, False, False),   # frozen factors unfrozen
 ])
-def test_backend_agrees_with_reference_fp32(delta, bias, needs):
-    x, U, S, Vh, A, B, b = make(45, 38, 27, 13, 6, torch.float32, delta=delta, bias=bias, seed=3)
-    dy = torch.randn(45, 27, generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("N", [45, 150], ids=["rowmajor", "colmajor"])
+def test_backend_agrees_with_reference_fp32(delta, bias, needs, N):
+    """Both internal layouts of h / dh (row-major below 128 rows, column-major from 128 on)."""
+    x, U, S, Vh, A, B, b = make(N, 38, 27, 13, 6, torch.float32, delta=delta, bias=bias, seed=3)
+    dy = torch.randn(N, 27, generator=torch.Generator().manual_seed(1))
     needs = tuple(needs[:4]) + (needs[4] and delta, needs[5] and delta, needs[6] and bias)
     out_c = run_backend(cpp, x, U, S, Vh, A, B, b, 0.5, dy, needs)
     out_r = run_backend(ref, x, U, S, Vh, A, B, b, 0.5, dy, needs)
@@ -250,6 +253,36 @@ def test_opcheck_linear_backward(needs, delta, N):
     dy = torch.randn(N, 8)
     torch.library.opcheck(torch.ops.cersa.linear_backward.default,
                           (noncontig(dy) if N else dy, x, h_k, xv, U, S, Vh, A, B, 0.5, needs))
+
+
+@needs_ext
+@pytest.mark.parametrize("delta,bias", [(True, True), (False, False)])
+@pytest.mark.parametrize("grads", ["all", "delta", "none"])
+@pytest.mark.parametrize("N", [0, 9, 140])
+def test_opcheck_linear(delta, bias, grads, N):
+    """cersa::linear, the differentiable op with the C++ autograd: schema, fake kernel, autograd
+    registration and AOT dispatch (opcheck's tests), with and without inputs that need grad."""
+    t = list(make(N, 10, 8, 4, 3, torch.float32, delta=delta, bias=bias, seed=N + 2))
+    want = {"all": range(7), "delta": (0, 4, 5), "none": ()}[grads]
+    for i in want:
+        if t[i] is not None:
+            t[i].requires_grad_(True)
+    torch.library.opcheck(torch.ops.cersa.linear.default, (*t, 0.5))
+
+
+@needs_ext
+def test_cpp_backend_autograd_runs_in_cpp_and_matches_without_grad():
+    """cersa_linear(backend="cpp") records the C++ autograd node, not a Python Function, and the
+    op gives the same y under no_grad and inference_mode (where no node is made)."""
+    x, U, S, Vh, A, B, b = make(19, 14, 11, 5, 3, torch.float32, seed=31)
+    A.requires_grad_(True)
+    y = cersa_kernels.cersa_linear(x, U, S, Vh, A, B, b, scale=0.5, backend="cpp")
+    assert "CppNode" in y.grad_fn.name() and "LinearFunction" in y.grad_fn.name()
+    with torch.no_grad():
+        y0 = cersa_kernels.cersa_linear(x, U, S, Vh, A, B, b, scale=0.5, backend="cpp")
+    with torch.inference_mode():
+        y1 = cersa_kernels.cersa_linear(x, U, S, Vh, A, B, b, scale=0.5, backend="cpp")
+    assert y0.grad_fn is None and torch.equal(y0, y.detach()) and torch.equal(y1, y.detach())
 
 
 @needs_ext

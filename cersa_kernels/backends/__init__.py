@@ -38,6 +38,15 @@ arguments, handles autocast, and wraps them in one ``torch.autograd.Function``.
         dbias= sum_rows(dy)                       (m,)
     Each gradient has the dtype of the tensor it belongs to.
 
+A backend may also expose
+
+``linear(x, U, S, Vh, A, B, bias, scale) -> y``
+    The whole differentiable op with its own autograd (same arguments and result as
+    forward's y, gradients as backward's).  ``cersa_kernels.ops`` then calls it instead of
+    wrapping forward/backward in its Python ``torch.autograd.Function``: the "cpp" and "cuda"
+    backends do, with the autograd in C++ (csrc/cersa_autograd.cpp), so that no Python runs
+    in their backward.
+
 Backend names: "reference" (plain PyTorch ops, the ground truth), "cpp" (the
 C++ extension on the CPU), "cuda" (the extension's CUDA kernels), "triton"
 (Triton kernels, CUDA or the CPU interpreter).

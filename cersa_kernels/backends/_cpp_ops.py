@@ -5,6 +5,8 @@ The extension (built by setup.py from csrc/) defines, through TORCH_LIBRARY::
     cersa::linear_forward(x, U, S, Vh, A?, B?, bias?, scale, save_xv) -> (y, h_k, xv)
     cersa::linear_backward(dy, x?, h_k?, xv?, U, S, Vh, A?, B?, scale, needs[7])
         -> (dx, dU, dS, dVh, dA, dB, dbias)
+    cersa::linear(x, U, S, Vh, A?, B?, bias?, scale) -> y
+        (differentiable: its autograd, in C++, calls the two kernels above)
 
 with CPU kernels in ``cersa_kernels._C`` and CUDA kernels in ``cersa_kernels._C_cuda``
 (DESIGN.md "Forward"/"Backward"; shapes in ``cersa_kernels.backends``' contract).  Outputs an op
@@ -13,10 +15,9 @@ whose ``needs`` flag is false (dA, dB also when A is None) is (0,).
 
 This module registers, from Python, the fake (meta) kernels, so that
 torch.compile(fullgraph=True, dynamic=True) traces the ops and torch.library.opcheck passes.
-The ops are kernels, not differentiable functions: autograd lives in ``cersa_kernels.ops``
-(``cersa_linear``), which calls ``linear_backward`` itself.  (A Python autograd formula
-registered on ``linear_forward`` would add ~10 us of dispatch to every call, a third of the
-whole op at N = 1.)
+``linear_forward`` and ``linear_backward`` are kernels, not differentiable functions;
+``cersa::linear`` is the differentiable op, with a C++ autograd kernel (csrc/cersa_autograd.cpp)
+rather than a Python formula, which would put the interpreter back into every backward.
 
 If the extension is missing or fails to load, ``CPU_ERROR`` / ``CUDA_ERROR`` hold the reason,
 the package warns once and runs on the reference backend.
@@ -71,6 +72,13 @@ if CPU_ERROR is None:
                      lambda: f"cersa: x: expected shape (N, {n}), got {tuple(x.shape)}")
         N = x.shape[0]
         return x.new_empty((N, m)), x.new_empty((N, k)), x.new_empty((N, r if save_xv else 0))
+
+    @torch.library.register_fake("cersa::linear")
+    def _linear_fake(x, U, S, Vh, A, B, bias, scale):
+        m, _, n, _ = _sizes(U, Vh, A)
+        torch._check(x.dim() == 2 and x.shape[1] == n,
+                     lambda: f"cersa: x: expected shape (N, {n}), got {tuple(x.shape)}")
+        return x.new_empty((x.shape[0], m))
 
     @torch.library.register_fake("cersa::linear_backward")
     def _linear_backward_fake(dy, x, h_k, xv, U, S, Vh, A, B, scale, needs):

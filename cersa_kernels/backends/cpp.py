@@ -19,6 +19,7 @@ from . import _cpp_ops
 # The op overloads, looked up once (None when the extension did not load).
 _FWD = torch.ops.cersa.linear_forward.default if _cpp_ops.CPU_ERROR is None else None
 _BWD = torch.ops.cersa.linear_backward.default if _cpp_ops.CPU_ERROR is None else None
+_LINEAR = torch.ops.cersa.linear.default if _cpp_ops.CPU_ERROR is None else None
 
 
 def is_available(device_type: str) -> tuple[bool, str]:
@@ -41,6 +42,13 @@ def forward(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None, B: Te
     """y (N, m), h_k (N, k) or None, xv (N, r) or None: see ``cersa_kernels.backends``."""
     y, h_k, xv = _FWD(x, U, S, Vh, A, B, bias, float(scale), bool(save_xv))
     return y, (h_k if A is not None else None), (xv if save_xv else None)
+
+
+def linear(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None, B: Tensor | None,
+           bias: Tensor | None, scale: float) -> Tensor:
+    """y (N, m), differentiable through the C++ autograd of ``cersa::linear``: see
+    ``cersa_kernels.backends`` (its optional ``linear``)."""
+    return _LINEAR(x, U, S, Vh, A, B, bias, scale)
 
 
 def backward(dy: Tensor, x: Tensor | None, h_k: Tensor | None, xv: Tensor | None, U: Tensor,

@@ -1,0 +1,167 @@
+// Autograd of cersa::linear in C++ (DESIGN.md "Forward"/"Backward"; CERSA, arXiv 2605.08174, Sec. 3).
+//
+//   cersa::linear(x, U, S, Vh, A?, B?, bias?, scale) -> y      y = x (U diag(S) Vh + s B A)^T + bias
+//
+// is the differentiable op the "cpp" and "cuda" backends run in eager mode.  Its Autograd kernel is
+// a torch::autograd::Function whose forward calls cersa::linear_forward and whose backward calls
+// cersa::linear_backward, both through the dispatcher below the autograd keys, so one autograd
+// serves the CPU kernels (cpu/) and the CUDA kernels (cuda/, the _C_cuda extension).  Doing the
+// autograd here rather than in a Python torch.autograd.Function takes the Python interpreter out of
+// the backward: at N = 1 on a 384x384 layer that is most of the per-call time.
+//
+// What is saved (as the Python autograd in cersa_kernels/ops.py saves it): x only when dVh or dA
+// is needed; h_k = s x A^T (N, k) only when dB is; xv = x Vh^T (N, r) only when dU or dS is.
+// The backward is once-differentiable: under create_graph=True its results carry a node that
+// raises when differentiated (a second derivative through the saved intermediates would be wrong).
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/library.h>
+
+#include <array>
+#include <tuple>
+
+namespace cersa {
+namespace {
+
+using at::Tensor;
+using std::optional;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using ForwardSig = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&,
+    const optional<Tensor>&, const optional<Tensor>&, double, bool);
+using BackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
+    const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
+    double, std::array<bool, 7>);
+
+const c10::TypedOperatorHandle<ForwardSig>& forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cersa::linear_forward", "")
+                             .typed<ForwardSig>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cersa::linear_backward", "")
+                             .typed<BackwardSig>();
+  return op;
+}
+
+inline optional<Tensor> opt(const Tensor& t) {
+  return t.defined() ? optional<Tensor>(t) : std::nullopt;
+}
+
+// Saved-variable slots, in save_for_backward order.
+enum Slot { kX = 0, kHk, kXv, kU, kS, kVh, kA, kB };
+
+class LinearFunction : public torch::autograd::Function<LinearFunction> {
+ public:
+  // needs_input_grad per argument position 0..6 (false for an absent optional tensor).
+  static std::array<bool, 7> needs_of(AutogradContext* ctx, bool has_A, bool has_B, bool has_bias) {
+    const bool present[7] = {true, true, true, true, has_A, has_B, has_bias};
+    std::array<bool, 7> need{};
+    size_t edge = 0;
+    for (size_t i = 0; i < 7; ++i)
+      if (present[i]) need[i] = ctx->needs_input_grad(edge++);
+    return need;
+  }
+
+  // Argument positions: x 0, U 1, S 2, Vh 3, A 4, B 5, bias 6, scale 7 (not a tensor).  The
+  // context's needs_input_grad counts only the tensors given (an absent A, B or bias has no edge),
+  // so positions map to edges through needs_of().
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& U, const Tensor& S,
+                        const Tensor& Vh, const optional<Tensor>& A, const optional<Tensor>& B,
+                        const optional<Tensor>& bias, double scale) {
+    const bool has_A = A.has_value() && A->defined(), has_B = B.has_value() && B->defined();
+    const bool has_bias = bias.has_value() && bias->defined();
+    const auto need = needs_of(ctx, has_A, has_B, has_bias);
+    const bool has_delta = has_A && has_B;
+    const bool save_xv = need[1] || need[2];
+    const bool keep_x = need[3] || need[4];
+    const bool keep_hk = need[5];
+    Tensor y, h_k, xv;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(y, h_k, xv) = forward_op().call(x, U, S, Vh, A, B, bias, scale, save_xv);
+    }
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["has_A"] = has_A;
+    ctx->saved_data["has_B"] = has_B;
+    ctx->saved_data["has_bias"] = has_bias;
+    ctx->save_for_backward({keep_x ? x : Tensor(), keep_hk && has_delta ? h_k : Tensor(),
+                            save_xv ? xv : Tensor(), U, S, Vh, has_delta ? *A : Tensor(),
+                            has_delta ? *B : Tensor()});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const bool has_A = ctx->saved_data["has_A"].toBool(), has_B = ctx->saved_data["has_B"].toBool();
+    const auto needs = needs_of(ctx, has_A, has_B, ctx->saved_data["has_bias"].toBool());
+    variable_list out(8);  // one slot per forward input; scale's stays undefined
+    bool any = false;
+    for (bool f : needs) any = any || f;
+    if (!any) return out;
+    const auto saved = ctx->get_saved_variables();
+    Tensor dx, dU, dS, dVh, dA, dB, dbias;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(dx, dU, dS, dVh, dA, dB, dbias) = backward_op().call(
+          grad_outputs[0], opt(saved[kX]), opt(saved[kHk]), opt(saved[kXv]), saved[kU], saved[kS],
+          saved[kVh], opt(saved[kA]), opt(saved[kB]), ctx->saved_data["scale"].toDouble(), needs);
+    }
+    const std::array<Tensor*, 7> grads = {&dx, &dU, &dS, &dVh, &dA, &dB, &dbias};
+    for (size_t i = 0; i < 7; ++i)
+      if (needs[i]) out[i] = *grads[i];
+    if (torch::autograd::GradMode::is_enabled() && grad_outputs[0].requires_grad()) {
+      // create_graph=True with a differentiable dy: the gradients must not look differentiable.
+      // They go through a DelayedError node (as Python's once_differentiable does), whose
+      // backward raises; a detached copy with requires_grad set is what gives them that grad_fn.
+      variable_list wrapped;
+      for (size_t i = 0; i < 7; ++i) {
+        Tensor g = needs[i] ? out[i].detach() : Tensor();
+        if (g.defined()) g.set_requires_grad(true);
+        wrapped.push_back(g);
+      }
+      auto err = std::make_shared<torch::autograd::DelayedError>(
+          "cersa::linear: trying to differentiate twice; its backward is once_differentiable "
+          "(double backward is not supported)",
+          static_cast<int64_t>(wrapped.size()));
+      wrapped = (*err)(std::move(wrapped));
+      for (size_t i = 0; i < 7; ++i) out[i] = needs[i] ? wrapped[i] : Tensor();
+    }
+    return out;
+  }
+};
+
+Tensor linear_autograd(const Tensor& x, const Tensor& U, const Tensor& S, const Tensor& Vh,
+                       const optional<Tensor>& A, const optional<Tensor>& B,
+                       const optional<Tensor>& bias, double scale) {
+  auto grad = [](const optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
+  if (!torch::autograd::GradMode::is_enabled() ||
+      !(x.requires_grad() || U.requires_grad() || S.requires_grad() || Vh.requires_grad() ||
+        grad(A) || grad(B) || grad(bias))) {
+    // Nothing to differentiate (no_grad, or frozen everything): no graph node, nothing saved.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return std::get<0>(forward_op().call(x, U, S, Vh, A, B, bias, scale, false));
+  }
+  return LinearFunction::apply(x, U, S, Vh, A, B, bias, scale);
+}
+
+// Below autograd (inference tensors, or no autograd key): the forward kernel alone.
+Tensor linear_no_grad(const Tensor& x, const Tensor& U, const Tensor& S, const Tensor& Vh,
+                      const optional<Tensor>& A, const optional<Tensor>& B,
+                      const optional<Tensor>& bias, double scale) {
+  return std::get<0>(forward_op().call(x, U, S, Vh, A, B, bias, scale, false));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cersa, Autograd, m) { m.impl("linear", &linear_autograd); }
+
+TORCH_LIBRARY_IMPL(cersa, CompositeExplicitAutograd, m) { m.impl("linear", &linear_no_grad); }
+
+}  // namespace cersa
