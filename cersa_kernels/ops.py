@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -38,6 +39,13 @@ def _check_shape(name: str, t: Tensor, expected: tuple, meaning) -> None:
 
 @torch.compiler.assume_constant_result
 def _default_backend_for(device_type: str) -> str:
+    return _default_backend_cached(device_type, os.environ.get("CERSA_BACKEND"))
+
+
+@functools.lru_cache(maxsize=None)
+def _default_backend_cached(device_type: str, env: str | None) -> str:
+    # keyed on $CERSA_BACKEND too, so that changing it takes effect; the answer for one
+    # (device type, setting) is fixed for the life of the process
     return default_backend(device_type)
 
 
