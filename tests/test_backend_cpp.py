@@ -96,6 +96,7 @@ SHAPES = [  # (N, n, m, r, k)
     (0, 19, 13, 6, 2),     # no rows
     (130, 64, 96, 40, 16),  # N >= 128: h and dh are column-major inside the kernels
     (257, 35, 29, 17, 3),   # column-major with odd sizes
+    (901, 21, 19, 9, 5),    # several blocks of rows (blocked schedule), a short last block
     (9, 12, 10, 0, 4),     # rank 0: only the delta
 ]
 
@@ -136,9 +137,10 @@ def test_backend_matches_dense_float64(dtype, shape, layout):
     (True, False, False, False, False, False, False),  # dx only
     (False, True, False, True, False, False, False),   # frozen factors unfrozen
 ])
-@pytest.mark.parametrize("N", [45, 150], ids=["rowmajor", "colmajor"])
+@pytest.mark.parametrize("N", [45, 150, 800], ids=["rowmajor", "colmajor", "blocks"])
 def test_backend_agrees_with_reference_fp32(delta, bias, needs, N):
-    """Both internal layouts of h / dh (row-major below 128 rows, column-major from 128 on)."""
+    """Both internal layouts of h / dh (row-major below 128 rows, column-major from 128 on) and
+    the blocked schedule (several blocks of 384 rows, weight gradients summed block by block)."""
     x, U, S, Vh, A, B, b = make(N, 38, 27, 13, 6, torch.float32, delta=delta, bias=bias, seed=3)
     dy = torch.randn(N, 27, generator=torch.Generator().manual_seed(1))
     needs = tuple(needs[:4]) + (needs[4] and delta, needs[5] and delta, needs[6] and bias)
@@ -151,6 +153,27 @@ def test_backend_agrees_with_reference_fp32(delta, bias, needs, N):
             assert rel_err(got, want) <= 2e-6, (name, rel_err(got, want))
     for flag, g in zip(needs, out_c[3]):
         assert (g is not None) == bool(flag)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("needs", [
+    (True, False, False, False, False, False, False),   # dx only: dh stays one block
+    (False, False, False, False, False, True, True),    # dB, dbias: no dh at all
+    (True, False, True, False, True, True, True),       # dS and dA: dh over all rows
+], ids=["dx", "dB_dbias", "dS_dA"])
+def test_blocked_schedule_16bit_partial_needs(dtype, needs):
+    """16-bit dtypes over several blocks of rows, where the weight gradients run over all rows
+    at once: every combination of what dh is kept for."""
+    x, U, S, Vh, A, B, b = make(777, 26, 22, 10, 4, dtype, seed=17)
+    dy = torch.randn(777, 22, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
+    y, h_k, xv, grads = run_backend(cpp, x, U, S, Vh, A, B, b, 0.5, dy, needs)
+    y_ref, g_ref = dense_reference(x, U, S, Vh, A, B, b, 0.5, dy)
+    assert rel_err(y, y_ref) <= TOL[dtype]
+    for name, flag, got, want in zip(GRAD_NAMES, needs, grads, g_ref):
+        assert (got is not None) == flag, name
+        if flag:
+            assert rel_err(got, want) <= TOL[dtype], (name, rel_err(got, want))
 
 
 @needs_ext
