@@ -13,7 +13,6 @@ import os
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .backends import BACKEND_MODULES, backend_status, default_backend, load_backend
 
@@ -99,18 +98,38 @@ class _CersaLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
-        # once_differentiable: the saved h_k / xv are detached forward intermediates, so a graph
-        # through this backward would give wrong second derivatives; a double backward raises.
         x, h_k, xv, U, S, Vh, A, B = ctx.saved_tensors
         need = ctx.needs_input_grad
         needs = (need[2], need[3], need[4], need[5], need[6] and ctx.has_delta,
                  need[7] and ctx.has_delta, need[8] and ctx.has_bias)
         if not any(needs):
             return (None,) * 9
-        grads = load_backend(ctx.backend).backward(dy, x, h_k, xv, U, S, Vh, A, B, ctx.scale, needs)
+        with torch.no_grad():
+            grads = load_backend(ctx.backend).backward(dy, x, h_k, xv, U, S, Vh, A, B, ctx.scale, needs)
+        if torch.is_grad_enabled():  # create_graph=True
+            # The saved h_k / xv are detached forward intermediates, so a graph through this
+            # backward would give wrong second derivatives.  Each gradient is tied, through
+            # _SecondDerivativeRefused, to dy and the saved inputs: differentiating it with respect
+            # to anything it depends on (backward() or autograd.grad) raises instead.
+            roots = tuple(t for t in (dy, x, U, S, Vh, A, B) if t is not None)
+            if any(t.requires_grad for t in roots):
+                grads = tuple(None if g is None else _SecondDerivativeRefused.apply(g, *roots)
+                              for g in grads)
         return (None, None) + tuple(grads)
+
+
+class _SecondDerivativeRefused(torch.autograd.Function):
+    """Identity on a gradient g, recorded as depending on ``roots``; its backward raises."""
+
+    @staticmethod
+    def forward(ctx, g, *roots):
+        return g.view_as(g)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("cersa_linear: trying to differentiate twice; its backward is "
+                           "once_differentiable (double backward is not supported)")
 
 
 @torch.compiler.assume_constant_result
@@ -199,7 +218,8 @@ def cersa_linear(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None =
                                 f"cast the tensors or run under torch.autocast")
     name = resolve_backend(backend, dev)
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, n)
+    # (not reshape(-1, n): with in_features n = 0 the -1 would be ambiguous)
+    x2d = x if x.dim() == 2 else (x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2))
     if autocast:  # the tensors are cast already; the backend must see them as they are
         with torch.autocast(dev, enabled=False):
             y = _apply(name, scale, x2d, U, S, Vh, A, B, bias)

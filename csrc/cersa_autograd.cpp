@@ -13,6 +13,9 @@
 // is needed; h_k = s x A^T (N, k) only when dB is; xv = x Vh^T (N, r) only when dU or dS is.
 // The backward is once-differentiable: under create_graph=True its results carry a node that
 // raises when differentiated (a second derivative through the saved intermediates would be wrong).
+// Forward-mode AD and functorch transforms are refused (torch::autograd::Function raises), never
+// silently given a zero tangent.
+#include <ATen/FuncTorchTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
@@ -70,15 +73,16 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     return need;
   }
 
-  // Argument positions: x 0, U 1, S 2, Vh 3, A 4, B 5, bias 6, scale 7 (not a tensor).  The
-  // context's needs_input_grad counts only the tensors given (an absent A, B or bias has no edge),
-  // so positions map to edges through needs_of().
+  // Argument positions: x 0, U 1, S 2, Vh 3, A 4, B 5, bias 6, then scale and `executable` (not
+  // tensors).  The context's needs_input_grad counts only the tensors given (an absent A, B or bias
+  // has no edge), so positions map to edges through needs_of().  executable: whether a graph node
+  // is being made (grad mode on and some input requires grad); without one there are no edges.
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& U, const Tensor& S,
                         const Tensor& Vh, const optional<Tensor>& A, const optional<Tensor>& B,
-                        const optional<Tensor>& bias, double scale) {
+                        const optional<Tensor>& bias, double scale, bool executable) {
     const bool has_A = A.has_value() && A->defined(), has_B = B.has_value() && B->defined();
     const bool has_bias = bias.has_value() && bias->defined();
-    const auto need = needs_of(ctx, has_A, has_B, has_bias);
+    const auto need = executable ? needs_of(ctx, has_A, has_B, has_bias) : std::array<bool, 7>{};
     const bool has_delta = has_A && has_B;
     const bool save_xv = need[1] || need[2];
     const bool keep_x = need[3] || need[4];
@@ -101,7 +105,7 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const bool has_A = ctx->saved_data["has_A"].toBool(), has_B = ctx->saved_data["has_B"].toBool();
     const auto needs = needs_of(ctx, has_A, has_B, ctx->saved_data["has_bias"].toBool());
-    variable_list out(8);  // one slot per forward input; scale's stays undefined
+    variable_list out(9);  // one slot per forward argument; scale's and executable's stay undefined
     bool any = false;
     for (bool f : needs) any = any || f;
     if (!any) return out;
@@ -116,22 +120,28 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     const std::array<Tensor*, 7> grads = {&dx, &dU, &dS, &dVh, &dA, &dB, &dbias};
     for (size_t i = 0; i < 7; ++i)
       if (needs[i]) out[i] = *grads[i];
-    if (torch::autograd::GradMode::is_enabled() && grad_outputs[0].requires_grad()) {
-      // create_graph=True with a differentiable dy: the gradients must not look differentiable.
-      // They go through a DelayedError node (as Python's once_differentiable does), whose
-      // backward raises; a detached copy with requires_grad set is what gives them that grad_fn.
-      variable_list wrapped;
-      for (size_t i = 0; i < 7; ++i) {
-        Tensor g = needs[i] ? out[i].detach() : Tensor();
-        if (g.defined()) g.set_requires_grad(true);
-        wrapped.push_back(g);
+    if (torch::autograd::GradMode::is_enabled()) {
+      // create_graph=True: the gradients must not look differentiable, since a second derivative
+      // through them would miss the terms through the saved intermediates.  They get one Error
+      // node whose next edges are dy's and the saved inputs' own: differentiating a gradient with
+      // respect to anything it depends on (by backward() or autograd.grad) reaches that node and
+      // raises, rather than silently skipping the missing terms.
+      variable_list roots = {grad_outputs[0]};
+      bool any_root = grad_outputs[0].requires_grad();
+      for (int slot : {kX, kU, kS, kVh, kA, kB}) {
+        if (saved[slot].defined()) {
+          roots.push_back(saved[slot]);
+          any_root = any_root || saved[slot].requires_grad();
+        }
       }
-      auto err = std::make_shared<torch::autograd::DelayedError>(
-          "cersa::linear: trying to differentiate twice; its backward is once_differentiable "
-          "(double backward is not supported)",
-          static_cast<int64_t>(wrapped.size()));
-      wrapped = (*err)(std::move(wrapped));
-      for (size_t i = 0; i < 7; ++i) out[i] = needs[i] ? wrapped[i] : Tensor();
+      if (any_root) {
+        auto err = c10::make_intrusive<torch::autograd::Error>(
+            "cersa::linear: trying to differentiate twice; its backward is once_differentiable "
+            "(double backward is not supported)",
+            torch::autograd::collect_next_edges(roots));
+        for (size_t i = 0; i < 7; ++i)
+          if (needs[i] && out[i].defined()) torch::autograd::create_gradient_edge(out[i], err);
+      }
     }
     return out;
   }
@@ -141,14 +151,23 @@ Tensor linear_autograd(const Tensor& x, const Tensor& U, const Tensor& S, const 
                        const optional<Tensor>& A, const optional<Tensor>& B,
                        const optional<Tensor>& bias, double scale) {
   auto grad = [](const optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
-  if (!torch::autograd::GradMode::is_enabled() ||
-      !(x.requires_grad() || U.requires_grad() || S.requires_grad() || Vh.requires_grad() ||
-        grad(A) || grad(B) || grad(bias))) {
+  auto tangent = [](const optional<Tensor>& t) {  // a forward-mode AD tangent (dual tensor)
+    return t.has_value() && t->defined() && t->_fw_grad(/*level=*/0).defined();
+  };
+  const bool executable =
+      torch::autograd::GradMode::is_enabled() &&
+      (x.requires_grad() || U.requires_grad() || S.requires_grad() || Vh.requires_grad() ||
+       grad(A) || grad(B) || grad(bias));
+  const bool forward_ad = tangent(x) || tangent(U) || tangent(S) || tangent(Vh) || tangent(A) ||
+                          tangent(B) || tangent(bias) ||
+                          at::functorch::functorchTLSAccessor() != nullptr;
+  if (!executable && !forward_ad) {
     // Nothing to differentiate (no_grad, or frozen everything): no graph node, nothing saved.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return std::get<0>(forward_op().call(x, U, S, Vh, A, B, bias, scale, false));
   }
-  return LinearFunction::apply(x, U, S, Vh, A, B, bias, scale);
+  // (With a tangent or a functorch transform, apply raises: the C++ Function has no jvp.)
+  return LinearFunction::apply(x, U, S, Vh, A, B, bias, scale, executable);
 }
 
 // Below autograd (inference tensors, or no autograd key): the forward kernel alone.

@@ -233,6 +233,62 @@ def test_double_backward_is_refused(backend):
         gx.sum().backward()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_derivative_through_saved_inputs_is_refused(backend):
+    """Gradients taken with create_graph=True must not be silently incomplete: a penalty on dx
+    from y.sum() (dy needs no grad) or autograd.grad of it with respect to U must raise."""
+    t = make_inputs(4, 5, 6, 3, 2, torch.float64, seed=13, grads=GRAD_NAMES)
+    args = tuple(t[n] for n in GRAD_NAMES)
+    y = cersa_linear(*args, scale=0.5, backend=backend)
+    (gx,) = torch.autograd.grad(y.sum(), args[0], create_graph=True)  # dy = ones: no grad
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (y.sum() + gx.square().sum()).backward()
+    y = cersa_linear(*args, scale=0.5, backend=backend)
+    (gx,) = torch.autograd.grad(y.square().sum(), args[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        torch.autograd.grad(gx.square().sum(), args[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_create_graph_first_derivatives_are_exact(backend):
+    t = make_inputs(4, 5, 6, 3, 2, torch.float64, seed=15, grads=GRAD_NAMES)
+    args = tuple(t[n] for n in GRAD_NAMES)
+    g1 = torch.autograd.grad(cersa_linear(*args, scale=0.5, backend=backend).square().sum(), args,
+                             create_graph=True)
+    g0 = torch.autograd.grad(cersa_linear(*args, scale=0.5, backend=backend).square().sum(), args)
+    for a, b in zip(g1, g0):
+        assert torch.equal(a.detach(), b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_mode_ad_is_refused_not_zero(backend):
+    """No jvp is implemented: a dual input or torch.func.jvp raises rather than dropping the tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    t = make_inputs(4, 5, 6, 3, 2, torch.float64, seed=16, grads=())
+    args = [t[n] for n in ("x", "U", "S", "Vh", "A", "B", "bias")]
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(args[0], torch.randn_like(args[0]))
+        with pytest.raises((RuntimeError, NotImplementedError), match="jvp"):
+            cersa_linear(dual, *args[1:], scale=0.5, backend=backend)
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        torch.func.jvp(lambda v: cersa_linear(v, *args[1:], scale=0.5, backend=backend),
+                       (args[0],), (args[0],))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead", [(5,), (2, 3), ()], ids=["2d", "3d", "1d"])
+def test_zero_in_features(backend, lead):
+    """in_features n = 0: y is the bias (or zeros), dx is empty, for 1-D, 2-D and 3-D x."""
+    x = torch.randn(*lead, 0, requires_grad=True)
+    U, S, Vh, bias = torch.randn(4, 2), torch.rand(2), torch.randn(2, 0), torch.randn(4)
+    y = cersa_linear(x, U, S, Vh, bias=bias, backend=backend)
+    assert y.shape == (*lead, 4)
+    assert torch.equal(y, bias.expand(*lead, 4))
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
 # ---------------------------------------------------------------------------- dtype rules, autocast
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("ac_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
