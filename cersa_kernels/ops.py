@@ -158,6 +158,8 @@ def cersa_linear(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None =
     Gradients: for x, A, B, S, bias, and U/Vh too when they require grad (DESIGN.md "Backward");
     the backward saves x and the (N, k) product s x A^T like LoRA, plus (N, r) only when S or U
     trains.  scale: a finite real number (the LoRA-style delta scale s).
+    Not supported, and raising rather than returning wrong values: second derivatives (the
+    backward is once-differentiable), forward-mode AD and functorch transforms (jvp, vmap, ...).
     backend: None picks the fastest available for x's device ($CERSA_BACKEND overrides), or one
     of "reference", "cpp", "cuda", "triton" (see ``cersa_kernels.available_backends()``).
     Raises TypeError/ValueError naming the argument, expected and received value for wrong
