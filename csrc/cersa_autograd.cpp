@@ -147,6 +147,13 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
   }
 };
 
+// Below autograd (inference tensors, or no autograd key): the forward kernel alone.
+Tensor linear_no_grad(const Tensor& x, const Tensor& U, const Tensor& S, const Tensor& Vh,
+                      const optional<Tensor>& A, const optional<Tensor>& B,
+                      const optional<Tensor>& bias, double scale) {
+  return std::get<0>(forward_op().call(x, U, S, Vh, A, B, bias, scale, false));
+}
+
 Tensor linear_autograd(const Tensor& x, const Tensor& U, const Tensor& S, const Tensor& Vh,
                        const optional<Tensor>& A, const optional<Tensor>& B,
                        const optional<Tensor>& bias, double scale) {
@@ -164,17 +171,10 @@ Tensor linear_autograd(const Tensor& x, const Tensor& U, const Tensor& S, const 
   if (!executable && !forward_ad) {
     // Nothing to differentiate (no_grad, or frozen everything): no graph node, nothing saved.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return std::get<0>(forward_op().call(x, U, S, Vh, A, B, bias, scale, false));
+    return linear_no_grad(x, U, S, Vh, A, B, bias, scale);
   }
   // (With a tangent or a functorch transform, apply raises: the C++ Function has no jvp.)
   return LinearFunction::apply(x, U, S, Vh, A, B, bias, scale, executable);
-}
-
-// Below autograd (inference tensors, or no autograd key): the forward kernel alone.
-Tensor linear_no_grad(const Tensor& x, const Tensor& U, const Tensor& S, const Tensor& Vh,
-                      const optional<Tensor>& A, const optional<Tensor>& B,
-                      const optional<Tensor>& bias, double scale) {
-  return std::get<0>(forward_op().call(x, U, S, Vh, A, B, bias, scale, false));
 }
 
 }  // namespace

@@ -336,12 +336,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backwa
   // the running sum to 16 bits once per block, so their GEMMs run once over all N rows instead.
   const bool blocked_sums = dy.scalar_type() == at::kFloat || dy.scalar_type() == at::kDouble;
   Tensor dx = need_x ? at::empty({N, n}, opts) : none();
-  Tensor dU = (need_U && r > 0) ? at::empty({m, r}, opts) : (need_U ? at::zeros({m, r}, opts) : none());
-  Tensor dVh = (need_Vh && r > 0) ? at::empty({r, n}, opts) : (need_Vh ? at::zeros({r, n}, opts) : none());
-  Tensor dA = (need_A && k > 0) ? at::empty({k, n}, opts) : (need_A ? at::zeros({k, n}, opts) : none());
-  Tensor dB = (need_B && k > 0) ? at::empty({m, k}, opts) : (need_B ? at::zeros({m, k}, opts) : none());
-  const bool do_dU = need_U && r > 0, do_dVh = need_Vh && r > 0;
-  const bool do_dA = need_A && k > 0, do_dB = need_B && k > 0;
+  // A weight gradient is a GEMM only when there are rows and an inner size; else it is zero.
+  const bool do_dU = need_U && r > 0 && N > 0, do_dVh = need_Vh && r > 0 && N > 0;
+  const bool do_dA = need_A && k > 0 && N > 0, do_dB = need_B && k > 0 && N > 0;
+  auto weight_grad = [&](bool need, bool gemm, at::IntArrayRef sizes) {
+    return !need ? none() : (gemm ? at::empty(sizes, opts) : at::zeros(sizes, opts));
+  };
+  Tensor dU = weight_grad(need_U, do_dU, {m, r}), dVh = weight_grad(need_Vh, do_dVh, {r, n});
+  Tensor dA = weight_grad(need_A, do_dA, {k, n}), dB = weight_grad(need_B, do_dB, {m, k});
   // Weight-gradient GEMMs over rows [i0, i0 + rows): dU += dy^T xv (diag S applied at the end),
   // dVh += (dh_r diag S)^T x, dA += (s dh_k)^T x, dB += dy^T h_k.
   auto weight_grads = [&](int64_t i0, int64_t rows, const Tensor& dhb_r, const Tensor& dhb_k) {
@@ -399,16 +401,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backwa
       dS.data_ptr<scalar_t>()[j] = static_cast<scalar_t>(dS_acc[j]);
     for (int64_t j = 0; j < static_cast<int64_t>(db_acc.size()); ++j)
       dbias.data_ptr<scalar_t>()[j] = static_cast<scalar_t>(db_acc[j]);
-    if (do_dU) {  // dU = (dy^T xv) diag S
-      if (N == 0) dU.zero_();
+    if (do_dU)  // dU = (dy^T xv) diag S
       scale_columns<scalar_t>(dU.data_ptr<scalar_t>(), m, r, Sc.const_data_ptr<scalar_t>());
-    }
   });
-  if (N == 0) {  // no rows: the sums over rows are zero
-    if (do_dVh) dVh.zero_();
-    if (do_dA) dA.zero_();
-    if (do_dB) dB.zero_();
-  }
   return {dx, dU, dS, dVh, dA, dB, dbias};
 }
 
