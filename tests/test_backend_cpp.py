@@ -127,6 +127,56 @@ def test_backend_matches_dense_float64(dtype, shape, layout):
         assert rel_err(got, want) <= tol, (name, rel_err(got, want))
 
 
+# Factor layouts for the GEMMs' operand handling: fp32 / fp64 GEMMs call BLAS directly on any
+# operand with a unit stride in one dimension (read transposed when it is column-major) and
+# fall back to ATen's kernels otherwise; single rows and columns take either layout.
+FACTOR_LAYOUTS = {"colmajor": noncontig, "strided": every_other_column}
+UNIT_SHAPES = [  # (N, n, m, r, k): sizes of 1 in every position, below and above 128 rows
+    (1, 1, 1, 1, 1), (3, 1, 5, 1, 2), (2, 6, 1, 3, 1), (1, 40, 30, 12, 4),
+    (150, 7, 1, 1, 1), (140, 1, 9, 2, 3),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", UNIT_SHAPES, ids=lambda s: "N%d_n%d_m%d_r%d_k%d" % s)
+@pytest.mark.parametrize("layout", sorted(FACTOR_LAYOUTS))
+def test_factor_layouts_and_unit_sizes(dtype, shape, layout):
+    N, n, m, r, k = shape
+    x, U, S, Vh, A, B, b = make(N, n, m, r, k, dtype, seed=3 * N + n + 7 * m)
+    dy = torch.randn(N, m, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
+    lay = FACTOR_LAYOUTS[layout]
+    U2, Vh2, A2, B2, x2 = (lay(t) for t in (U, Vh, A, B, x))
+    for t, t2 in zip((U, Vh, A, B, x), (U2, Vh2, A2, B2, x2)):
+        assert torch.equal(t, t2)
+    scale = 1.25
+    y, h_k, xv, grads = run_backend(cpp, x2, U2, S, Vh2, A2, B2, b, scale, dy, (True,) * 7)
+    y_ref, g_ref = dense_reference(x, U, S, Vh, A, B, b, scale, dy)
+    tol = TOL[dtype]
+    assert rel_err(y, y_ref) <= tol
+    for name, got, want in zip(GRAD_NAMES, grads, g_ref):
+        assert rel_err(got, want) <= tol, (name, rel_err(got, want))
+
+
+@needs_ext
+@pytest.mark.parametrize("N", [5, 300])
+def test_fp32_under_reduced_matmul_precision_setting(N):
+    """With torch's fp32 matmul precision set to bf16 (oneDNN), the kernels leave the direct BLAS
+    calls to ATen's GEMMs, which honour the setting; the results stay within the bf16 bound."""
+    x, U, S, Vh, A, B, b = make(N, 37, 29, 11, 4, torch.float32, seed=N)
+    dy = torch.randn(N, 29, generator=torch.Generator().manual_seed(2))
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        y, h_k, xv, grads = run_backend(cpp, x, U, S, Vh, A, B, b, 0.5, dy, (True,) * 7)
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = before
+    y_ref, g_ref = dense_reference(x, U, S, Vh, A, B, b, 0.5, dy)
+    assert rel_err(y, y_ref) <= TOL[torch.bfloat16]
+    for name, got, want in zip(GRAD_NAMES, grads, g_ref):
+        assert rel_err(got, want) <= TOL[torch.bfloat16], name
+
+
 @needs_ext
 @pytest.mark.parametrize("delta,bias", [(True, True), (True, False), (False, True), (False, False)])
 @pytest.mark.parametrize("needs", [
