@@ -225,6 +225,9 @@ def test_report_ratios_fastest_backend_and_losses(tmp_path):
     gemm_rate = 2 * 1024 * 64 * 32 / 0.25 / 1e9
     ftab = "\n".join(report.flop_table(rows, idx, report.cersa_methods(rows)))
     assert f"{flops_cpp / 0.5 / 1e9:.1f} ({100 * flops_cpp / 0.5 / 1e9 / gemm_rate:.0f}%)" in ftab
+    goals = "\n".join(report.goal_table(rows, idx, report.cersa_methods(rows)))
+    ceiling = 3e-4 * gemm_rate * 1e9 / shapes.flops("reference", 64, 32, 1, "fwdbwd", 8)
+    assert f"reference/cpp 1.50 >= 1.3: yes (ceiling {ceiling:.2f})" in goals
     report.build_report(data, tmp_path, computed=False)
     assert (tmp_path / "bench.md").read_text().startswith("# cersa_kernels benchmarks")
     assert (tmp_path / "bench.png").stat().st_size > 10_000
