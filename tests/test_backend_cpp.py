@@ -158,11 +158,55 @@ def test_factor_layouts_and_unit_sizes(dtype, shape, layout):
         assert rel_err(got, want) <= tol, (name, rel_err(got, want))
 
 
+_ONEDNN_PROBE = """
+import sys, torch
+from cersa_kernels.backends import cpp
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(0)
+x, dy = torch.randn(64, 96, generator=g), torch.randn(64, 80, generator=g)
+U, Vh = torch.randn(80, 32, generator=g), torch.randn(32, 96, generator=g)
+S, A, B = torch.rand(32, generator=g) + 0.5, torch.randn(8, 96, generator=g), torch.randn(80, 8, generator=g)
+torch.backends.mkldnn.matmul.fp32_precision = sys.argv[1]
+print("=== torch.mm", flush=True)
+torch.mm(x, Vh.t())
+print("=== cersa", flush=True)
+y, h_k, xv = cpp.forward(x, U, S, Vh, A, B, None, 0.5, True)
+cpp.backward(dy, x, h_k, xv, U, S, Vh, A, B, 0.5, (True,) * 7)
+print("=== end", flush=True)
+"""
+
+
+def _onednn_matmuls(precision: str) -> dict[str, int]:
+    """oneDNN matmul executions per section of _ONEDNN_PROBE, run with ONEDNN_VERBOSE=1."""
+    env = dict(os.environ, ONEDNN_VERBOSE="1")
+    out = subprocess.run([sys.executable, "-c", _ONEDNN_PROBE, precision], env=env,
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    counts, section = {}, None
+    for line in out.splitlines():
+        if line.startswith("=== "):
+            section = line[4:]
+            counts[section] = 0
+        elif section and line.startswith("onednn_verbose") and ",exec," in line and ",matmul," in line:
+            counts[section] += 1
+    return counts
+
+
+@needs_ext
+def test_fp32_reduced_precision_setting_leaves_the_gemms_to_aten():
+    """The fp32 GEMMs call sgemm_ directly at full precision, but with torch's fp32 matmul precision
+    set to bf16 they go through ATen, which runs them in oneDNN as the setting asks."""
+    low = _onednn_matmuls("bf16")
+    if low.get("torch.mm", 0) == 0:
+        pytest.skip("torch does not run fp32 matmuls through oneDNN here even at bf16 precision "
+                    "(no bf16-capable CPU), so there is no setting to honour")
+    assert low["cersa"] > 0
+    assert _onednn_matmuls("ieee")["cersa"] == 0
+
+
 @needs_ext
 @pytest.mark.parametrize("N", [5, 300])
 def test_fp32_under_reduced_matmul_precision_setting(N):
-    """With torch's fp32 matmul precision set to bf16 (oneDNN), the kernels leave the direct BLAS
-    calls to ATen's GEMMs, which honour the setting; the results stay within the bf16 bound."""
+    """Under the bf16 setting (the ATen path for fp32) the results stay within the bf16 bound."""
     x, U, S, Vh, A, B, b = make(N, 37, 29, 11, 4, torch.float32, seed=N)
     dy = torch.randn(N, 29, generator=torch.Generator().manual_seed(2))
     before = torch.backends.mkldnn.matmul.fp32_precision
@@ -175,6 +219,44 @@ def test_fp32_under_reduced_matmul_precision_setting(N):
     assert rel_err(y, y_ref) <= TOL[torch.bfloat16]
     for name, got, want in zip(GRAD_NAMES, grads, g_ref):
         assert rel_err(got, want) <= TOL[torch.bfloat16], name
+
+
+@needs_ext
+@pytest.mark.parametrize("junk", [torch.empty(0), torch.tensor(1.0), torch.empty(2, 3, 4)],
+                         ids=["empty", "0-D", "3-D"])
+def test_backward_ignores_saved_tensors_it_does_not_need_whatever_their_shape(junk):
+    x, U, S, Vh, A, B, _ = make(6, 5, 4, 3, 2, torch.float32)
+    dy = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    y, h_k, xv = cpp.forward(x, U, S, Vh, A, B, None, 0.5, True)
+    cases = [  # (needs, which saved tensor is not needed)
+        ((True, True, True, True, True, False, True), "h_k"),   # no dB: h_k unused
+        ((True, False, False, False, False, True, True), "x"),  # no dVh, dA: x unused
+        ((True, False, False, True, True, True, True), "xv"),   # no dU, dS: xv unused
+    ]
+    for needs, unused in cases:
+        args = {"x": x, "h_k": h_k, "xv": xv}
+        want = cpp.backward(dy, args["x"], args["h_k"], args["xv"], U, S, Vh, A, B, 0.5, needs)
+        args[unused] = junk
+        got = cpp.backward(dy, args["x"], args["h_k"], args["xv"], U, S, Vh, A, B, 0.5, needs)
+        for name, g, w in zip(GRAD_NAMES, got, want):
+            assert (g is None and w is None) or torch.equal(g, w), (unused, name)
+
+
+@needs_ext
+@pytest.mark.skipif(not (hasattr(torch, "_lazy_clone") and hasattr(torch._C, "_is_cow_tensor")),
+                    reason="this torch has no copy-on-write tensors (torch._lazy_clone)")
+@pytest.mark.parametrize("N", [3, 200])
+def test_inputs_are_only_read(N):
+    """Copy-on-write inputs stay copy-on-write through forward and backward: the kernels read
+    them through const pointers and never ask for write access."""
+    x, U, S, Vh, A, B, b = make(N, 9, 7, 4, 2, torch.float32)
+    dy = torch.randn(N, 7, generator=torch.Generator().manual_seed(3))
+    cow = [torch._lazy_clone(t) for t in (x, U, S, Vh, A, B, b, dy)]
+    x2, U2, S2, Vh2, A2, B2, b2, dy2 = cow
+    y, h_k, xv, grads = run_backend(cpp, x2, U2, S2, Vh2, A2, B2, b2, 0.5, dy2, (True,) * 7)
+    assert all(torch._C._is_cow_tensor(t) for t in cow)
+    y_ref, _ = dense_reference(x, U, S, Vh, A, B, b, 0.5, dy)
+    assert rel_err(y, y_ref) <= TOL[torch.float32]
 
 
 @needs_ext

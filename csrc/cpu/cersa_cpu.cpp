@@ -95,25 +95,33 @@ __attribute__((weak)) void dgemm_(const char* transa, const char* transb, const 
 // A matrix operand: a pointer and element strides, element (i, j) at p[i * s0 + j * s1].  The
 // kernels slice and transpose these instead of Tensors: each Tensor view (narrow, t()) costs about
 // 1 us to create, and at N = 1 the ~30 views of one forward + backward took a sixth of its time.
+// Mat<const T> is a read-only operand (an input, or a block of h / dh being read).
 template <typename T>
 struct Mat {
   T* p = nullptr;
   int64_t rows = 0, cols = 0, s0 = 0, s1 = 0;
-  static Mat of(const Tensor& t) {  // t: a 2-D tensor of dtype T
-    return {static_cast<T*>(t.data_ptr()), t.size(0), t.size(1), t.stride(0), t.stride(1)};
+  // Over a 2-D tensor of dtype T.  Inputs are read through const_data_ptr, so that a
+  // copy-on-write input is not materialised; buffers the kernel writes, through mutable_data_ptr.
+  static Mat of(const Tensor& t) {
+    if constexpr (std::is_const_v<T>)
+      return {static_cast<T*>(t.const_data_ptr()), t.size(0), t.size(1), t.stride(0), t.stride(1)};
+    else
+      return {static_cast<T*>(t.mutable_data_ptr()), t.size(0), t.size(1), t.stride(0), t.stride(1)};
   }
+  operator Mat<const T>() const requires(!std::is_const_v<T>) { return {p, rows, cols, s0, s1}; }
   Mat t() const { return {p, cols, rows, s1, s0}; }
   Mat row_block(int64_t i0, int64_t n) const { return {p + i0 * s0, n, cols, s0, s1}; }
   Mat col_block(int64_t j0, int64_t n) const { return {p + j0 * s1, rows, n, s0, s1}; }
-  // A Tensor over the same memory (not owning it), for the ATen fallback of gemm_into.
+  // A Tensor over the same memory (not owning it), for the ATen fallback of gemm_into, which
+  // only reads the operands it is given as inputs.
   Tensor tensor(const at::TensorOptions& opts) const {
-    return at::from_blob(p, {rows, cols}, {s0, s1}, opts);
+    return at::from_blob(const_cast<std::remove_const_t<T>*>(p), {rows, cols}, {s0, s1}, opts);
   }
 };
 
 // dst = src, or dst = 0 (src == nullptr), element by element (small: (rows, k) slices).
 template <typename T>
-void copy_or_zero(const Mat<T>& dst, const Mat<T>* src) {
+void copy_or_zero(const Mat<T>& dst, const Mat<const T>* src) {
   for (int64_t i = 0; i < dst.rows; ++i)
     for (int64_t j = 0; j < dst.cols; ++j)
       dst.p[i * dst.s0 + j * dst.s1] = src ? src->p[i * src->s0 + j * src->s1] : T(0);
@@ -145,7 +153,7 @@ BlasLayout blas_layout(const Mat<T>& t) {
 // column-major: a row-major `out` is computed as out^T = b^T a^T).  False when it cannot run
 // here (no BLAS symbol, an empty size, an operand without a BLAS layout); then nothing is written.
 template <typename T, typename Fn>
-bool blas_gemm(Fn* fn, const Mat<T>& out, const Mat<T>& a, const Mat<T>& b, double alpha,
+bool blas_gemm(Fn* fn, const Mat<T>& out, const Mat<const T>& a, const Mat<const T>& b, double alpha,
                double beta) {
   if (fn == nullptr) return false;
   if (out.rows == 0 || out.cols == 0 || a.cols == 0 || a.cols > INT_MAX) return false;
@@ -180,7 +188,7 @@ inline bool fp32_gemm_is_ieee() {
 // a 1x384 by 384x176 product, 1 thread).  16-bit GEMMs, and these when blas_gemm declines, go
 // through ATen's CPU kernels on Tensors made over the same memory.
 template <typename T>
-void gemm_into(const Mat<T>& out, const Mat<T>& a, const Mat<T>& b, double alpha, bool accumulate,
+void gemm_into(const Mat<T>& out, const Mat<const T>& a, const Mat<const T>& b, double alpha, bool accumulate,
                bool direct, const at::TensorOptions& opts) {
   if (a.cols == 0) {  // empty inner dimension: the product is zero
     if (!accumulate) copy_or_zero<T>(out, nullptr);
@@ -294,24 +302,32 @@ std::tuple<Tensor, Tensor, Tensor> linear_forward_cpu(const Tensor& x_in, const 
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cersa_fwd", [&] {
     using M = Mat<scalar_t>;
-    const M X = M::of(x), H = M::of(h), Y = M::of(y), VhT = M::of(Vh).t(), UT = M::of(U).t();
-    const M AT = k > 0 ? M::of(*A).t() : M{}, BT = k > 0 ? M::of(*B).t() : M{};
-    const M HK = M::of(h_k_out);
+    using CM = Mat<const scalar_t>;
+    auto gemm = [&](const M& out, const CM& a, const CM& b, double alpha, bool accumulate) {
+      gemm_into<scalar_t>(out, a, b, alpha, accumulate, direct, opts);
+    };
+    const CM X = CM::of(x), VhT = CM::of(Vh).t(), UT = CM::of(U).t();
+    const CM AT = k > 0 ? CM::of(*A).t() : CM{}, BT = k > 0 ? CM::of(*B).t() : CM{};
+    const M H = M::of(h), Y = M::of(y), HK = M::of(h_k_out);
     const scalar_t* S_p = Sc.const_data_ptr<scalar_t>();
     const scalar_t* bias_p = has_bias ? bc.const_data_ptr<scalar_t>() : nullptr;
     for (int64_t i0 = 0; i0 < N; i0 += nb) {  // one block of rows: its x, h and y stay in cache
       const int64_t rows = std::min(nb, N - i0);
-      const M xb = X.row_block(i0, rows), hb = H.row_block(0, rows), yb = Y.row_block(i0, rows);
+      const CM xb = X.row_block(i0, rows);
+      const M hb = H.row_block(0, rows), yb = Y.row_block(i0, rows);
       const M hb_r = hb.col_block(0, r), hb_k = hb.col_block(r, k);
-      if (r > 0) gemm_into(hb_r, xb, VhT, 1.0, false, direct, opts);
-      if (k > 0) gemm_into(hb_k, xb, AT, scale, false, direct, opts);
+      if (r > 0) gemm(hb_r, xb, VhT, 1.0, false);
+      if (k > 0) gemm(hb_k, xb, AT, scale, false);
       forward_epilogue<scalar_t>(hb.p, hb.s0, hb.s1, rows, r, S_p,
                                  save_xv ? xv.data_ptr<scalar_t>() + i0 * r : nullptr, yb.p, bias_p, m);
       // y = bias + h_r U^T + h_k B^T: two GEMMs accumulating into the one output block.
-      if (r > 0) gemm_into(yb, hb_r, UT, 1.0, has_bias, direct, opts);
-      if (k > 0) gemm_into(yb, hb_k, BT, 1.0, has_bias || r > 0, direct, opts);
+      if (r > 0) gemm(yb, hb_r, UT, 1.0, has_bias);
+      if (k > 0) gemm(yb, hb_k, BT, 1.0, has_bias || r > 0);
       if (r == 0 && k == 0 && !has_bias) copy_or_zero<scalar_t>(yb, nullptr);
-      if (k > 0) copy_or_zero<scalar_t>(HK.row_block(i0, rows), &hb_k);
+      if (k > 0) {
+        const CM src = hb_k;
+        copy_or_zero<scalar_t>(HK.row_block(i0, rows), &src);
+      }
     }
   });
   return {y, h_k_out, xv};
@@ -482,31 +498,38 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backwa
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "cersa_bwd", [&] {
     using acc_t = acc_of<scalar_t>;
     using M = Mat<scalar_t>;
-    const M DY = M::of(dy), DH = M::of(dh), Um = M::of(U), Vhm = M::of(Vh);
-    const M Am = has_delta ? M::of(*A) : M{}, Bm = has_delta ? M::of(*B) : M{};
-    const M X = present(x) ? M::of(*x) : M{}, HK = present(h_k) ? M::of(*h_k) : M{};
-    const M XV = do_dU ? M::of(*xv) : M{}, DX = need_x ? M::of(dx) : M{};
+    using CM = Mat<const scalar_t>;
+    auto gemm = [&](const M& out, const CM& a, const CM& b, double alpha, bool accumulate) {
+      gemm_into<scalar_t>(out, a, b, alpha, accumulate, direct, opts);
+    };
+    // Inputs are wrapped only where used: x, h_k and xv may be passed when not needed, in any shape.
+    const CM DY = CM::of(dy), Um = CM::of(U), Vhm = CM::of(Vh);
+    const CM Am = has_delta ? CM::of(*A) : CM{}, Bm = has_delta ? CM::of(*B) : CM{};
+    const CM X = do_dVh || do_dA ? CM::of(*x) : CM{}, HK = do_dB ? CM::of(*h_k) : CM{};
+    const CM XV = do_dU ? CM::of(*xv) : CM{};
+    const M DH = M::of(dh), DX = need_x ? M::of(dx) : M{};
     const M DU = do_dU ? M::of(dU) : M{}, DVh = do_dVh ? M::of(dVh) : M{};
     const M DA = do_dA ? M::of(dA) : M{}, DB = do_dB ? M::of(dB) : M{};
     const scalar_t* S_p = Sc.const_data_ptr<scalar_t>();
     // Weight-gradient GEMMs over rows [i0, i0 + rows): dU += dy^T xv (diag S applied at the
     // end), dVh += (dh_r diag S)^T x, dA += (s dh_k)^T x, dB += dy^T h_k.
-    auto weight_grads = [&](int64_t i0, int64_t rows, const M& dhb_r, const M& dhb_k) {
+    auto weight_grads = [&](int64_t i0, int64_t rows, const CM& dhb_r, const CM& dhb_k) {
       const bool acc = i0 > 0;
-      const M dyb_t = DY.row_block(i0, rows).t();
-      if (do_dU) gemm_into(DU, dyb_t, XV.row_block(i0, rows), 1.0, acc, direct, opts);
-      if (do_dVh) gemm_into(DVh, dhb_r.t(), X.row_block(i0, rows), 1.0, acc, direct, opts);
-      if (do_dA) gemm_into(DA, dhb_k.t(), X.row_block(i0, rows), 1.0, acc, direct, opts);
-      if (do_dB) gemm_into(DB, dyb_t, HK.row_block(i0, rows), 1.0, acc, direct, opts);
+      const CM dyb_t = DY.row_block(i0, rows).t();
+      if (do_dU) gemm(DU, dyb_t, XV.row_block(i0, rows), 1.0, acc);
+      if (do_dVh) gemm(DVh, dhb_r.t(), X.row_block(i0, rows), 1.0, acc);
+      if (do_dA) gemm(DA, dhb_k.t(), X.row_block(i0, rows), 1.0, acc);
+      if (do_dB) gemm(DB, dyb_t, HK.row_block(i0, rows), 1.0, acc);
     };
     std::vector<acc_t> dS_acc(want_dS ? r : 0, acc_t(0)), db_acc(need_bias ? m : 0, acc_t(0));
     for (int64_t i0 = 0; i0 < N; i0 += nb) {  // one block of rows: its dy, dh and dx stay in cache
       const int64_t rows = std::min(nb, N - i0);
       const int64_t d0 = dh_rows == N ? i0 : 0;  // the block's first row in dh
-      const M dyb = DY.row_block(i0, rows), dhb = DH.row_block(d0, rows);
+      const CM dyb = DY.row_block(i0, rows);
+      const M dhb = DH.row_block(d0, rows);
       const M dhb_r = dhb.col_block(0, rr), dhb_k = dhb.col_block(rr, kk);
-      if (rr > 0) gemm_into(dhb_r, dyb, Um, 1.0, false, direct, opts);
-      if (kk > 0) gemm_into(dhb_k, dyb, Bm, scale, false, direct, opts);
+      if (rr > 0) gemm(dhb_r, dyb, Um, 1.0, false);
+      if (kk > 0) gemm(dhb_k, dyb, Bm, scale, false);
       const scalar_t* xvp = want_dS ? xvc.const_data_ptr<scalar_t>() + i0 * r : nullptr;
       // Row-major dh: dS, the scaling and dbias in one pass over the rows.  Column-major dh: dS
       // and the scaling column by column, then dbias in a row pass over the block of dy.
@@ -518,8 +541,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backwa
                                             want_dS ? dS_acc.data() : nullptr);
       if (need_x) {  // dx = (dh_r diag S) Vh + s dh_k A: both segments accumulate into one block
         const M dxb = DX.row_block(i0, rows);
-        if (rr > 0) gemm_into(dxb, dhb_r, Vhm, 1.0, false, direct, opts);
-        if (kk > 0) gemm_into(dxb, dhb_k, Am, 1.0, rr > 0, direct, opts);
+        if (rr > 0) gemm(dxb, dhb_r, Vhm, 1.0, false);
+        if (kk > 0) gemm(dxb, dhb_k, Am, 1.0, rr > 0);
         if (rr == 0 && kk == 0) copy_or_zero<scalar_t>(dxb, nullptr);
       }
       if (blocked_sums) weight_grads(i0, rows, dhb_r, dhb_k);
