@@ -6,7 +6,8 @@ backend contract of ``cersa_kernels.backends``: 2-D tensors, one dtype and devic
 (y, h_k, xv), backward -> (dx, dU, dS, dVh, dA, dB, dbias) with None where not needed.
 
 Math: DESIGN.md "Forward" / "Backward".  CPU kernels: csrc/cpu/cersa_cpu.cpp (GEMMs into strided
-views of one (N, r + k) buffer, epilogues with at::parallel_for, fused dS/dbias reductions);
+blocks of one (rows, r + k) buffer, fp32/fp64 ones straight to the BLAS torch links, others through
+ATen; epilogues with at::parallel_for, fused dS/dbias reductions);
 CUDA: csrc/cuda/ (cuBLAS through ATen, raw kernels for scale/bias/reductions).
 """
 from __future__ import annotations
