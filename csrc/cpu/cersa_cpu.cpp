@@ -2,11 +2,11 @@
 //
 // GEMMs go to BLAS: fp32 / fp64 ones straight to the sgemm_ / dgemm_ that torch's CPU library
 // exports (see gemm_into), the rest through ATen's CPU kernels (at::cpu::mm_out / addmm_out /
-// addmm_: BLAS or oneDNN, called without a trip through the dispatcher).  They write into strided views of one
-// preallocated buffer: BLAS takes a leading dimension, so [x Vh^T | s x A^T] is produced in one
-// (N, r + k) buffer without concatenating [Vh; A] and without any (m, n) tensor.  The scalar
-// work (S, the delta scale s, the bias, the dS / dbias reductions) runs in epilogue loops
-// parallelised with at::parallel_for.
+// addmm_: BLAS or oneDNN, called without a trip through the dispatcher).  They write into strided
+// blocks of one preallocated buffer: BLAS takes a leading dimension, so [x Vh^T | s x A^T] is
+// produced in one (N, r + k) buffer without concatenating [Vh; A] and without any (m, n) tensor.
+// The scalar work (S, the delta scale s, the bias, the dS / dbias reductions) runs in epilogue
+// loops parallelised with at::parallel_for.
 //
 // Blocked schedule.  From N >= kColumnMajorMinRows rows on, forward and backward run over blocks of
 // kBlockRows rows: for one block, the GEMMs that share its slice of x or dy run back to back, so
@@ -82,14 +82,14 @@ inline int64_t row_grain(int64_t width) {
 // exports (MKL in the x86-64 wheels; ATen calls the same functions).  Declared weak: where the
 // loaded torch exports none, they resolve to null and every GEMM goes through ATen.
 extern "C" {
-__attribute__((weak)) void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
-                                  const int* k, const float* alpha, const float* a, const int* lda,
-                                  const float* b, const int* ldb, const float* beta, float* c,
-                                  const int* ldc);
-__attribute__((weak)) void dgemm_(const char* transa, const char* transb, const int* m, const int* n,
-                                  const int* k, const double* alpha, const double* a, const int* lda,
-                                  const double* b, const int* ldb, const double* beta, double* c,
-                                  const int* ldc);
+__attribute__((weak)) void sgemm_(const char* transa, const char* transb, const int* m,
+                                  const int* n, const int* k, const float* alpha, const float* a,
+                                  const int* lda, const float* b, const int* ldb, const float* beta,
+                                  float* c, const int* ldc);
+__attribute__((weak)) void dgemm_(const char* transa, const char* transb, const int* m,
+                                  const int* n, const int* k, const double* alpha, const double* a,
+                                  const int* lda, const double* b, const int* ldb,
+                                  const double* beta, double* c, const int* ldc);
 }
 
 // A matrix operand: a pointer and element strides, element (i, j) at p[i * s0 + j * s1].  The
@@ -103,10 +103,12 @@ struct Mat {
   // Over a 2-D tensor of dtype T.  Inputs are read through const_data_ptr, so that a
   // copy-on-write input is not materialised; buffers the kernel writes, through mutable_data_ptr.
   static Mat of(const Tensor& t) {
+    T* p;
     if constexpr (std::is_const_v<T>)
-      return {static_cast<T*>(t.const_data_ptr()), t.size(0), t.size(1), t.stride(0), t.stride(1)};
+      p = static_cast<T*>(t.const_data_ptr());
     else
-      return {static_cast<T*>(t.mutable_data_ptr()), t.size(0), t.size(1), t.stride(0), t.stride(1)};
+      p = static_cast<T*>(t.mutable_data_ptr());
+    return {p, t.size(0), t.size(1), t.stride(0), t.stride(1)};
   }
   operator Mat<const T>() const requires(!std::is_const_v<T>) { return {p, rows, cols, s0, s1}; }
   Mat t() const { return {p, cols, rows, s1, s0}; }
@@ -153,8 +155,8 @@ BlasLayout blas_layout(const Mat<T>& t) {
 // column-major: a row-major `out` is computed as out^T = b^T a^T).  False when it cannot run
 // here (no BLAS symbol, an empty size, an operand without a BLAS layout); then nothing is written.
 template <typename T, typename Fn>
-bool blas_gemm(Fn* fn, const Mat<T>& out, const Mat<const T>& a, const Mat<const T>& b, double alpha,
-               double beta) {
+bool blas_gemm(Fn* fn, const Mat<T>& out, const Mat<const T>& a, const Mat<const T>& b,
+               double alpha, double beta) {
   if (fn == nullptr) return false;
   if (out.rows == 0 || out.cols == 0 || a.cols == 0 || a.cols > INT_MAX) return false;
   const BlasLayout lo = blas_layout(out), la = blas_layout(a), lb = blas_layout(b);
@@ -177,7 +179,8 @@ bool blas_gemm(Fn* fn, const Mat<T>& out, const Mat<const T>& a, const Mat<const
 // precision through oneDNN (torch.set_float32_matmul_precision("medium" / "high") or
 // torch.backends.mkldnn.matmul.fp32_precision), which only ATen's path honours.
 inline bool fp32_gemm_is_ieee() {
-  const auto p = at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
+  const auto p =
+      at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
   return p != at::Float32Precision::BF16 && p != at::Float32Precision::TF32;
 }
 
@@ -188,8 +191,8 @@ inline bool fp32_gemm_is_ieee() {
 // a 1x384 by 384x176 product, 1 thread).  16-bit GEMMs, and these when blas_gemm declines, go
 // through ATen's CPU kernels on Tensors made over the same memory.
 template <typename T>
-void gemm_into(const Mat<T>& out, const Mat<const T>& a, const Mat<const T>& b, double alpha, bool accumulate,
-               bool direct, const at::TensorOptions& opts) {
+void gemm_into(const Mat<T>& out, const Mat<const T>& a, const Mat<const T>& b, double alpha,
+               bool accumulate, bool direct, const at::TensorOptions& opts) {
   if (a.cols == 0) {  // empty inner dimension: the product is zero
     if (!accumulate) copy_or_zero<T>(out, nullptr);
     return;
@@ -318,8 +321,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_forward_cpu(const Tensor& x_in, const 
       const M hb_r = hb.col_block(0, r), hb_k = hb.col_block(r, k);
       if (r > 0) gemm(hb_r, xb, VhT, 1.0, false);
       if (k > 0) gemm(hb_k, xb, AT, scale, false);
-      forward_epilogue<scalar_t>(hb.p, hb.s0, hb.s1, rows, r, S_p,
-                                 save_xv ? xv.data_ptr<scalar_t>() + i0 * r : nullptr, yb.p, bias_p, m);
+      scalar_t* xv_p = save_xv ? xv.data_ptr<scalar_t>() + i0 * r : nullptr;
+      forward_epilogue<scalar_t>(hb.p, hb.s0, hb.s1, rows, r, S_p, xv_p, yb.p, bias_p, m);
       // y = bias + h_r U^T + h_k B^T: two GEMMs accumulating into the one output block.
       if (r > 0) gemm(yb, hb_r, UT, 1.0, has_bias);
       if (k > 0) gemm(yb, hb_k, BT, 1.0, has_bias || r > 0);
@@ -502,7 +505,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backwa
     auto gemm = [&](const M& out, const CM& a, const CM& b, double alpha, bool accumulate) {
       gemm_into<scalar_t>(out, a, b, alpha, accumulate, direct, opts);
     };
-    // Inputs are wrapped only where used: x, h_k and xv may be passed when not needed, in any shape.
+    // Inputs are wrapped only where used: x, h_k and xv may be passed when not needed, in any
+    // shape.
     const CM DY = CM::of(dy), Um = CM::of(U), Vhm = CM::of(Vh);
     const CM Am = has_delta ? CM::of(*A) : CM{}, Bm = has_delta ? CM::of(*B) : CM{};
     const CM X = do_dVh || do_dA ? CM::of(*x) : CM{}, HK = do_dB ? CM::of(*h_k) : CM{};
