@@ -29,45 +29,30 @@ import argparse
 import ctypes
 import gc
 import json
+import math
 import os
 import statistics
 import sys
 import time
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+# Process memory from the OS: the same /proc/self readers as the fine-tuning front ends
+# (python/_frontend.py, standard library only, so importing it adds nothing to the baseline RSS).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
+from _frontend import current_rss_mib, peak_rss_mib, reset_peak_rss  # noqa: E402
+
+MIB = 2 ** 20
 
 
 def rss_bytes() -> int | None:
-    kib = _status_kib("VmRSS")
-    return None if kib is None else kib * 1024
+    """Current resident set size in bytes (VmRSS), None where /proc is missing."""
+    mib = current_rss_mib()
+    return None if math.isnan(mib) else round(mib * MIB)
 
 
-def hwm_bytes() -> int | None:
-    kib = _status_kib("VmHWM")
-    if kib is not None:
-        return kib * 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
-def reset_hwm() -> bool:
-    """Reset the peak-RSS counter of this process (Linux >= 4.0); False if it cannot."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+def hwm_bytes() -> int:
+    """Peak resident set size in bytes (VmHWM, else getrusage's ru_maxrss)."""
+    return round(peak_rss_mib() * MIB)
 
 
 def trim_heap() -> None:
@@ -194,7 +179,7 @@ def main(argv=None) -> dict:
     trim_heap()
     info["setup_s"] = time.perf_counter() - t_setup
     rss_setup = rss_bytes()
-    hwm_reset = reset_hwm()
+    hwm_reset = reset_peak_rss()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

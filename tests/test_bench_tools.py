@@ -154,7 +154,7 @@ def test_peak_rss_reset_forgets_an_earlier_peak():
     assert memory_worker.hwm_bytes() >= base + 200 * 2 ** 20
     del big
     memory_worker.trim_heap()
-    if not memory_worker.reset_hwm():
+    if not memory_worker.reset_peak_rss():
         pytest.skip("this kernel does not allow resetting the peak RSS")
     assert memory_worker.hwm_bytes() < base + 100 * 2 ** 20
 
