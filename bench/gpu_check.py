@@ -130,10 +130,11 @@ def correctness(torch, cersa_linear, backends, device, small=False):
              [((37, 45, 29, 7, 3), ("fp32", "tf32", "bf16", "fp16")),
               ((4096, 768, 3072, 384, 16), ("fp32", "bf16"))])
     try:  # one kernel configuration per variant here (compile time); part 2 checks the autotuned ones
-        from cersa_kernels.backends.triton import kernels as tk
-        tk.set_autotune(False)
+        import cersa_kernels.backends.triton as triton_backend
+        autotune_before = triton_backend.autotune_enabled()
+        triton_backend.set_autotune(False)
     except Exception:
-        tk = None
+        triton_backend = None
     names = ("y", "dx", "dU", "dS", "dVh", "dA", "dB", "dbias")
     print(f"{'backend':<10} {'dtype':<5} {'N x n -> m, r, k':<24} " + " ".join(f"{c:>8}" for c in names)
           + "   bound  result")
@@ -170,8 +171,8 @@ def correctness(torch, cersa_linear, backends, device, small=False):
                 failures += not ok
                 shape = f"{N}x{n}->{m},{r},{k}"
                 print(f"{be:<10} {label:<5} {shape:<24} {err_txt}  {bound:6.0e}  {'ok' if ok else 'FAIL'}")
-    if tk is not None:
-        tk.set_autotune(True)
+    if triton_backend is not None:
+        triton_backend.set_autotune(autotune_before)
     return failures
 
 

@@ -15,6 +15,8 @@ import os
 import subprocess
 import sys
 import zlib
+from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -174,13 +176,23 @@ def test_non_contiguous_inputs_and_grad_output(dtype):
     assert torch.isfinite(y).all()
 
 
-def test_zero_rows_launch_nothing():
+@pytest.mark.parametrize("N, n_forward, n_backward", [(0, 0, 0), (5, 2, 4)], ids=["zero_rows", "five_rows"])
+def test_launch_counts(N, n_forward, n_backward):
+    """Two launches forward, four backward (every gradient), none at all for zero rows."""
+    x, U, S, Vh, A, B, b = make(N, 45, 29, 7, 3, torch.float32)
+    with mock.patch.object(tk, "run", wraps=tk.run) as run:
+        y, h_k, xv = tb.forward(x, U, S, Vh, A, B, b, 0.5, True)
+        assert run.call_count == n_forward
+        dy = torch.ones(N, 29, device=DEVICE)
+        tb.backward(dy, x, h_k, xv, U, S, Vh, A, B, 0.5, (True,) * 7)
+        assert run.call_count == n_forward + n_backward
+
+
+def test_zero_rows_give_empty_outputs_and_zero_gradients():
     x, U, S, Vh, A, B, b = make(0, 45, 29, 7, 3, torch.float32)
-    before = tk.LAUNCHES
     y, h_k, xv = tb.forward(x, U, S, Vh, A, B, b, 0.5, True)
     dy = torch.empty(0, 29, device=DEVICE)
     grads = tb.backward(dy, x, h_k, xv, U, S, Vh, A, B, 0.5, (True,) * 7)
-    assert tk.LAUNCHES == before
     assert y.shape == (0, 29) and h_k.shape == (0, 3) and xv.shape == (0, 7)
     assert grads[0].shape == (0, 45)
     for g, owner in zip(grads[1:], (U, S, Vh, A, B, b)):
@@ -193,6 +205,75 @@ def test_missing_saved_tensor_is_a_clear_error():
     with pytest.raises(ValueError, match="xv"):
         tb.backward(torch.ones_like(y), x, h_k, None, U, S, Vh, A, B, 1.0,
                     (False, False, True, False, False, False, False))
+
+
+def test_planned_launches_run_later():
+    """With a launcher of its own the eager forward only plans: the outputs stay unwritten until
+    the collected launches are run, which then gives the reference's results."""
+    gen = torch.Generator().manual_seed(7)
+    x, U, S, Vh, A, B, b = make(37, 45, 29, 7, 3, torch.float32, gen=gen)
+    planned = []
+    y, h_k, xv = tb._forward_impl(x, U, S, Vh, A, B, b, 0.75, True, launch=planned.append)
+    assert [p.name for p in planned] == ["seg_cols", "seg_k"]
+    for t in (y, h_k, xv):
+        t.fill_(float("nan"))
+    for p in planned:
+        tk.run(p, autotune=False)
+    want = ref.forward(*map(d64, (x, U, S, Vh, A, B, b)), 0.75, True)
+    for got, w in zip((y, h_k, xv), want):
+        assert rel_err(got, w) <= tol(torch.float32)
+    planned = []
+    tb._backward_impl(torch.ones_like(y), x, h_k, xv, U, S, Vh, A, B, 0.75, (True,) * 7, launch=planned.append)
+    assert [p.name for p in planned] == ["seg_cols", "seg_k", "seg_rows", "seg_cols"]
+    planned = []
+    tb._backward_impl(torch.ones_like(y), x, h_k, xv, U, S, Vh, A, B, 0.75, (False,) * 6 + (True,),
+                      launch=planned.append)
+    assert [p.name for p in planned] == ["colsum"]
+
+
+def _fake_args(dtype, M):
+    return {"P": torch.empty(0, dtype=dtype), "M": M}
+
+
+@pytest.mark.parametrize("limits", [tk.Limits(232448, 9), tk.Limits(166912, 8)], ids=["sm90", "sm80"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_select_configs_fit_the_device(limits, dtype):
+    """On the devices the configurations are made for, every candidate fits in shared memory,
+    large M keeps the device's family, small M no tile far taller than M; one without autotuning."""
+    esize = torch.empty(0, dtype=dtype).element_size()
+    family = tk.HOPPER_CONFIGS if limits.major >= 9 else tk.AMPERE_CONFIGS
+    for M in (1, 16, 4096):
+        tuned = tk.select_configs(tk.GPU_CONFIGS, _fake_args(dtype, M), limits, autotune=True)
+        assert tuned
+        for c in tuned:
+            assert tk._smem(c, esize) <= limits.smem_per_block, (M, c)
+            if M > 256:
+                assert any(c is f for f in family), (M, c)  # large M: the device's family only
+            else:
+                assert c.kwargs["BM"] <= 2 * max(16, M), (M, c)  # small M: no tile far taller than M
+        first = tk.select_configs(tk.GPU_CONFIGS, _fake_args(dtype, M), limits, autotune=False)
+        assert len(first) == 1 and any(first[0] is c for c in tuned)
+    tiny = tk.select_configs(tk.GPU_CONFIGS, _fake_args(dtype, 4096), tk.Limits(1024, 9), autotune=True)
+    assert len(tiny) == 1  # nothing fits: the smallest configuration rather than none
+
+
+def test_autotune_switch():
+    """Without autotuning a launch takes the first configuration that fits; results unchanged."""
+    before = tb.autotune_enabled()
+    tb.set_autotune(False)
+    try:
+        assert tb.autotune_enabled() is False and tb.settings.autotune is False
+        gen = torch.Generator().manual_seed(8)
+        x, U, S, Vh, A, B, b = make(37, 45, 29, 7, 3, torch.float16, gen=gen)
+        check_against_reference(x, U, S, Vh, A, B, b, scale=0.75)
+    finally:
+        tb.set_autotune(before)
+    assert tb.autotune_enabled() is before
+    with pytest.raises(TypeError, match="set_autotune"):
+        tb.set_autotune(1)
+    with pytest.raises(TypeError, match="Settings.autotune"):
+        tb.settings.autotune = "no"
+    assert tb.autotune_enabled() is before
 
 
 def test_tf32_switch():
@@ -309,14 +390,27 @@ def test_torch_compile_fullgraph():
         assert rel_err(tc.grad, t.grad.double()) <= 1e-6
 
 
+COMPILE_CHECK = Path(__file__).resolve().parents[1] / "scripts" / "triton_compile_check.py"
+
+
+def _compile_check(*args, timeout=1200):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return subprocess.run([sys.executable, str(COMPILE_CHECK), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 @pytest.mark.slow
 def test_kernels_compile_for_hopper_and_ampere():
     """Every kernel variant the backend launches lowers to a cubin for sm_90 and sm_80 (no GPU needed:
     ahead-of-time compilation with triton's bundled ptxas) and fits in the device's shared memory."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = subprocess.run([sys.executable, "-m", "cersa_kernels.backends.triton.compile_check",
-                          "--arch", "90,80", "--dtype", "bf16,fp16"],
-                         env=env, capture_output=True, text=True, timeout=1200)
+    out = _compile_check("--arch", "90,80", "--dtype", "bf16,fp16")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "0 failure(s)" in out.stdout
+    for name in ("seg_cols", "seg_k", "seg_rows", "colsum"):
+        assert f"sm_90 bf16 {name}" in out.stdout and f"sm_80 fp16 {name}" in out.stdout, name
+
+
+def test_compile_check_names_a_missing_shared_memory_limit():
+    out = _compile_check("--arch", "75", "--smem", "80=166912", timeout=300)
+    assert out.returncode == 2 and "--arch 75" in out.stderr and "--smem" in out.stderr, out.stderr

@@ -7,7 +7,7 @@ registers them as the ``torch.library`` custom ops ``cersa_kernels::triton_forwa
 ``torch.compile(fullgraph=True)`` traces through this backend without graph breaks, and maps the
 contract's ``None`` results to and from the empty tensors the op schema needs.
 
-Kernel plan (DESIGN.md "Forward"/"Backward"; k = delta rank, r = frozen rank):
+Kernel plan (docs/design.md, "Forward" and "Backward"; k = delta rank, r = frozen rank):
 
 =========  ==========================================================  ==================
 launch     computes                                                    kernel
@@ -24,18 +24,81 @@ Dtypes: fp32, bf16, fp16 (fp32 accumulation), fp64 (fp64 accumulation, for gradc
 fp32 inputs follows ``torch.backends.cuda.matmul.allow_tf32`` unless overridden with
 :func:`set_allow_tf32`.  Intermediates h_r, h_k, g_r, g_k are stored in the input dtype, like the
 reference backend; reductions (dS, dbias) are accumulated in fp32 (fp64).
+
+Settings (:data:`settings`, set with :func:`set_allow_tf32` and :func:`set_autotune`) are read
+when a forward or backward call plans and runs its launches.
 """
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from . import kernels as _k
-from .kernels import INTERPRETED, set_allow_tf32, tf32_enabled  # noqa: F401  (re-exported)
+from .kernels import INTERPRETED  # noqa: F401  (re-exported)
 
-__all__ = ["is_available", "forward", "backward", "set_allow_tf32", "tf32_enabled", "INTERPRETED"]
+__all__ = ["is_available", "forward", "backward", "Settings", "settings", "set_allow_tf32", "tf32_enabled",
+           "set_autotune", "autotune_enabled", "INTERPRETED"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _flag(where: str, value, none_ok: bool = False):
+    if (value is None and none_ok) or isinstance(value, bool):
+        return value
+    want = "bool or None" if none_ok else "bool"
+    raise TypeError(f"{where}: expected {want}, got {type(value).__name__}")
+
+
+@dataclass
+class Settings:
+    """Run-time settings of the Triton backend; the backend reads its one instance, :data:`settings`.
+
+    allow_tf32: fp32 inputs on TF32 tensor cores (True), in IEEE fp32 (False), or as
+        ``torch.backends.cuda.matmul.allow_tf32`` says at each call (None, the default: the same
+        switch as ``torch.mm``).  Never TF32 under the interpreter.
+    autotune: benchmark the candidate tile configurations of each new shape (True; the default
+        unless the environment variable CERSA_TRITON_AUTOTUNE is "0" when this module is imported)
+        or take the first one that fits the device (False: one compile per kernel variant, for
+        quick correctness runs).
+    Assigning anything else raises TypeError."""
+    allow_tf32: bool | None = None
+    autotune: bool = True
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, _flag(f"Settings.{name}", value, none_ok=name == "allow_tf32"))
+
+
+#: the settings every call of this backend uses.
+settings = Settings(autotune=os.environ.get("CERSA_TRITON_AUTOTUNE", "1") != "0")
+
+
+def set_allow_tf32(flag: bool | None) -> None:
+    """Force TF32 on (True) or off (False) for fp32 inputs; None follows
+    ``torch.backends.cuda.matmul.allow_tf32`` (the default).  Raises TypeError for other values."""
+    settings.allow_tf32 = _flag("set_allow_tf32", flag, none_ok=True)
+
+
+def tf32_enabled() -> bool:
+    """Whether compiled fp32 GEMMs of this backend use TF32 tensor cores now (the interpreter
+    always computes in IEEE fp32, whatever this says)."""
+    if settings.allow_tf32 is not None:
+        return settings.allow_tf32
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def set_autotune(flag: bool) -> None:
+    """Turn autotuning of the tile configurations on (True) or off (False); see :class:`Settings`.
+    Raises TypeError for other values."""
+    settings.autotune = _flag("set_autotune", flag)
+
+
+def autotune_enabled() -> bool:
+    """Whether new shapes benchmark their candidate tile configurations (see :class:`Settings`)."""
+    return settings.autotune
 
 
 def is_available(device_type: str) -> tuple[bool, str]:
@@ -57,21 +120,39 @@ def is_available(device_type: str) -> tuple[bool, str]:
     return False, f"the Triton backend does not run on {device_type!r} tensors"
 
 
-def _check_device(x: Tensor) -> None:
-    ok, why = is_available(x.device.type)
-    if not ok:
-        raise RuntimeError(f"cersa_linear(backend='triton'): {why}")
+#: a callable that receives each planned launch of an eager implementation, in order.
+Launcher = Callable[[_k.Launch], None]
+
+
+def _launcher(x: Tensor, launch: Launcher | None) -> Callable[[_k.Launch | None], None]:
+    """What an eager implementation hands each planned launch to (None: an empty grid, skipped).
+
+    launch None: run the launches on x's device with :data:`settings` (RuntimeError when this
+    backend cannot run there); else ``launch`` receives them in order and nothing runs (the
+    outputs stay unwritten).  TypeError when x's dtype is not one of the backend's."""
+    if launch is None:
+        ok, why = is_available(x.device.type)
+        if not ok:
+            raise RuntimeError(f"cersa_linear(backend='triton'): {why}")
+        autotune = settings.autotune
+
+        def launch(plan: _k.Launch) -> None:
+            _k.run(plan, autotune=autotune)
     if x.dtype not in _DTYPES:
         raise TypeError(f"cersa_linear(backend='triton'): x.dtype must be one of "
                         f"{[str(d) for d in _DTYPES]}, got {x.dtype}")
+    return lambda plan: None if plan is None else launch(plan)
 
 
 # ---------------------------------------------------------------------------------------------
 # eager implementations (called by the custom ops)
 # ---------------------------------------------------------------------------------------------
 
-def _forward_impl(x, U, S, Vh, A, B, bias, scale, save_xv):
-    _check_device(x)
+def _forward_impl(x, U, S, Vh, A, B, bias, scale, save_xv, *, launch: Launcher | None = None):
+    """(y, h_k, xv) of the custom op ``triton_forward``; at most two launches (see the kernel plan
+    above), none when N = 0.  launch: see :func:`_launcher` (default: run them)."""
+    emit = _launcher(x, launch)
+    tf32 = tf32_enabled()
     N, n = x.shape
     m, r = U.shape
     k = A.shape[0] if A is not None else 0
@@ -84,18 +165,22 @@ def _forward_impl(x, U, S, Vh, A, B, bias, scale, save_xv):
     h_r = torch.empty((N, r), device=dev, dtype=dt)
     # launch 1: [h_r | h_k] = x [Vh^T * S | s A^T]  (Vh^T and A^T are stride views, no copies)
     A_t = A.t() if A is not None else Vh.t()[:, :0]
-    _k.seg_cols(x, Vh.t(), A_t, h_r, h_k, S1=S, alpha2=float(scale),
-                raw_out=xv if save_xv else None)
+    emit(_k.seg_cols(x, Vh.t(), A_t, h_r, h_k, S1=S, alpha2=float(scale),
+                     raw_out=xv if save_xv else None, tf32=tf32))
     # launch 2: y = h_r U^T + h_k B^T + bias
     if A is not None:
-        _k.seg_k(h_r, U.t(), h_k, B.t(), y, bias=bias)
+        emit(_k.seg_k(h_r, U.t(), h_k, B.t(), y, bias=bias, tf32=tf32))
     else:
-        _k.seg_k(h_r, U.t(), None, None, y, bias=bias)
+        emit(_k.seg_k(h_r, U.t(), None, None, y, bias=bias, tf32=tf32))
     return y, h_k, xv
 
 
-def _backward_impl(dy, x, h_k, xv, U, S, Vh, A, B, scale, needs):
-    _check_device(dy)
+def _backward_impl(dy, x, h_k, xv, U, S, Vh, A, B, scale, needs, *, launch: Launcher | None = None):
+    """(dx, dU, dS, dVh, dA, dB, dbias) of the custom op ``triton_backward`` (empty (0,) tensors
+    where not needed); at most four launches (see the kernel plan above), none when N = 0.
+    launch: see :func:`_launcher` (default: run them)."""
+    emit = _launcher(dy, launch)
+    tf32 = tf32_enabled()
     need_x, need_U, need_S, need_Vh, need_A, need_B, need_bias = needs
     has_delta = A is not None
     need_A = need_A and has_delta
@@ -122,16 +207,16 @@ def _backward_impl(dy, x, h_k, xv, U, S, Vh, A, B, scale, needs):
     dS_acc = torch.zeros(r, device=dev, dtype=acc_dt) if need_S else None
     # launch 1: g_r = (dy U) * S, g_k = s dy B, dS += sum_rows(xv * dy U)
     if g_r.shape[1] + g_k.shape[1] > 0:
-        _k.seg_cols(dy, U[:, :g_r.shape[1]], (B if need_gk else U[:, :0]), g_r, g_k,
-                    S1=S, alpha2=float(scale),
-                    red=dS_acc, aux=(xv if need_S else None))
+        emit(_k.seg_cols(dy, U[:, :g_r.shape[1]], (B if need_gk else U[:, :0]), g_r, g_k,
+                         S1=S, alpha2=float(scale),
+                         red=dS_acc, aux=(xv if need_S else None), tf32=tf32))
     if need_x:
         dx = torch.empty((N, n), device=dev, dtype=dt)
         # launch 2: dx = g_r Vh + g_k A
         if need_gk:
-            _k.seg_k(g_r, Vh, g_k, A, dx)
+            emit(_k.seg_k(g_r, Vh, g_k, A, dx, tf32=tf32))
         else:
-            _k.seg_k(g_r, Vh, None, None, dx)
+            emit(_k.seg_k(g_r, Vh, None, None, dx, tf32=tf32))
     if need_S:
         dS = dS_acc.to(S.dtype)
     if need_Vh or need_A:
@@ -142,7 +227,8 @@ def _backward_impl(dy, x, h_k, xv, U, S, Vh, A, B, scale, needs):
             dVh_.zero_()
             dA_.zero_()
         else:
-            _k.seg_rows(g_r[:, :dVh_.shape[0]].t(), g_k[:, :dA_.shape[0]].t(), x, dVh_, dA_)
+            emit(_k.seg_rows(g_r[:, :dVh_.shape[0]].t(), g_k[:, :dA_.shape[0]].t(), x, dVh_, dA_,
+                             tf32=tf32))
         if need_Vh:
             dVh = dVh_
         if need_A:
@@ -160,9 +246,10 @@ def _backward_impl(dy, x, h_k, xv, U, S, Vh, A, B, scale, needs):
             # launch 4: [dU | dB] = dy^T [xv * S | h_k], dbias fused as the row sums of dy^T
             q1 = xv if need_U else dy[:, :0]
             q2 = h_k if need_B else dy[:, :0]
-            _k.seg_cols(dy.t(), q1, q2, dU_, dB_, S1=S if need_U else None, rowsum=db_acc)
+            emit(_k.seg_cols(dy.t(), q1, q2, dU_, dB_, S1=S if need_U else None, rowsum=db_acc,
+                             tf32=tf32))
         elif db_acc is not None:
-            _k.colsum(dy, db_acc)
+            emit(_k.colsum(dy, db_acc))
         if need_U:
             dU = dU_
         if need_B:

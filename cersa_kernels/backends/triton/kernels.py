@@ -1,4 +1,5 @@
-"""Triton kernels of ``cersa_linear`` (DESIGN.md "Forward" / "Backward") and their launchers.
+"""Triton kernels of ``cersa_linear`` (docs/design.md, "Forward", "Backward" and "Triton kernels")
+and their launches.
 
 Two GEMM kernels cover every product of the forward and the backward pass, each
 reading the frozen and the trainable factor through *separate* pointers (no
@@ -19,18 +20,25 @@ concatenated ``[Vh; A]`` or ``[U | B]`` is ever built):
     Used for: up-projection ``y = h_r U^T + h_k B^T + bias`` and
     ``dx = g_r Vh + g_k A``.
 
+Launches are planned, then run: :func:`seg_cols`, :func:`seg_k`, :func:`seg_rows` and
+:func:`colsum` return a :class:`Launch` (kernel, grid, arguments, constexprs) or None when the
+grid would be empty (zero rows launch nothing); :func:`run` executes one.  The backend
+(:mod:`cersa_kernels.backends.triton`) decides what is run, and with which settings; this module
+holds no state of its own.
+
 Numerics: accumulation in fp32 (fp64 for fp64 inputs); fp32 inputs use TF32
-tensor cores only when ``torch.backends.cuda.matmul.allow_tf32`` is True (the
-same switch as ``torch.mm``; default False) or when ``set_allow_tf32(True)`` was
-called.  Under the Triton interpreter (``TRITON_INTERPRET=1``) 16-bit tiles are
-upcast to fp32 before ``tl.dot`` (the interpreter's bf16 ``dot`` is wrong).
+tensor cores only when the planner is called with ``tf32=True`` (the backend
+passes its TF32 setting).  Under the Triton interpreter (``TRITON_INTERPRET=1``)
+16-bit tiles are upcast to fp32 before ``tl.dot`` (the interpreter's bf16 ``dot``
+is wrong).
 
 Every tensor is passed with its strides; every load and store is masked on the
-ragged edges; a launch with an empty grid is skipped (zero rows launch nothing).
+ragged edges.
 """
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import torch
 import triton
@@ -41,27 +49,6 @@ from triton.runtime.interpreter import InterpretedFunction
 # configuration
 # ---------------------------------------------------------------------------------------------
 
-_TF32_OVERRIDE: bool | None = None
-#: number of kernel launches issued by this module (used by tests: zero rows launch nothing).
-LAUNCHES = 0
-
-
-def set_allow_tf32(flag: bool | None) -> None:
-    """Force TF32 on (True) or off (False) for fp32 inputs; None follows
-    ``torch.backends.cuda.matmul.allow_tf32`` (the default)."""
-    global _TF32_OVERRIDE
-    if flag is not None and not isinstance(flag, bool):
-        raise TypeError(f"set_allow_tf32: expected bool or None, got {type(flag).__name__}")
-    _TF32_OVERRIDE = flag
-
-
-def tf32_enabled() -> bool:
-    """Whether fp32 GEMMs of this backend use TF32 tensor cores (never under the interpreter)."""
-    if _TF32_OVERRIDE is not None:
-        return _TF32_OVERRIDE
-    return bool(torch.backends.cuda.matmul.allow_tf32)
-
-
 def _cfg(bm, bn, bk, warps, stages, group=8):
     return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group},
                          num_warps=warps, num_stages=stages)
@@ -71,40 +58,30 @@ def _cfg(bm, bn, bk, warps, stages, group=8):
 #: wgmma wants BM >= 64 and 8 warps), 32-deep K tiles for Ampere (A100: 164 KiB smem), and
 #: skinny-M tiles for decode-like inputs (N = 1..64 rows).  Each launch keeps the family of its
 #: device (capability >= 9: Hopper, else Ampere) plus the skinny family, minus the configurations
-#: that exceed shared memory or whose BM is far larger than M (see _prune).  One configuration
+#: that exceed shared memory or whose BM is far larger than M (see select_configs).  One configuration
 #: under the interpreter.
-HOPPER_CONFIGS = [
+HOPPER_CONFIGS = (
     _cfg(128, 256, 64, 8, 3),    # 16-bit inputs
     _cfg(256, 128, 64, 8, 3),    # 16-bit inputs
     _cfg(128, 128, 64, 8, 4),    # 16-bit inputs
     _cfg(128, 128, 32, 8, 3),    # fp32 inputs (TF32 / IEEE)
     _cfg(128, 64, 32, 4, 4),     # fp32 / fp64 inputs
-]
-AMPERE_CONFIGS = [
+)
+AMPERE_CONFIGS = (
     _cfg(128, 128, 32, 4, 4),
     _cfg(128, 64, 32, 4, 4),
     _cfg(64, 128, 32, 4, 4),
     _cfg(64, 64, 64, 4, 4),
     _cfg(64, 64, 32, 4, 3),      # fits for fp64 inputs
-]
-SKINNY_CONFIGS = [
+)
+SKINNY_CONFIGS = (
     _cfg(16, 64, 128, 4, 4),
     _cfg(16, 128, 128, 4, 3),
     _cfg(32, 128, 64, 4, 4),
-]
+)
 GPU_CONFIGS = HOPPER_CONFIGS + AMPERE_CONFIGS + SKINNY_CONFIGS
-_HOPPER_IDS = {id(c) for c in HOPPER_CONFIGS}
-_AMPERE_IDS = {id(c) for c in AMPERE_CONFIGS}
-_AUTOTUNE = [os.environ.get("CERSA_TRITON_AUTOTUNE", "1") != "0"]
-
-
-def set_autotune(flag: bool) -> None:
-    """Benchmark the candidate configurations of each new shape (True, the default; env
-    CERSA_TRITON_AUTOTUNE=0 turns it off) or take the first one that fits (False: one compile per
-    kernel variant, for quick correctness runs)."""
-    if not isinstance(flag, bool):
-        raise TypeError(f"set_autotune: expected bool, got {type(flag).__name__}")
-    _AUTOTUNE[0] = flag
+_HOPPER_IDS = frozenset(id(c) for c in HOPPER_CONFIGS)
+_AMPERE_IDS = frozenset(id(c) for c in AMPERE_CONFIGS)
 
 
 #: the one configuration used by the interpreter (small blocks so that the tests' odd sizes
@@ -112,16 +89,21 @@ def set_autotune(flag: bool) -> None:
 INTERP_CONFIG = _cfg(16, 16, 16, 1, 1, group=2)
 
 
-def _device_limits() -> tuple[int, int]:
-    """(shared memory per block in bytes, compute capability major) of the current CUDA device."""
-    try:
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        return int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024), int(props.major)
-    except Exception:
-        return 99 * 1024, 8
+@dataclass(frozen=True)
+class Limits:
+    """What :func:`select_configs` needs to know of a CUDA device.
+
+    smem_per_block: opt-in shared memory per block, bytes (e.g. 232448 on sm_90, 166912 on sm_80);
+    major: compute capability major (>= 9 selects the Hopper configurations, else Ampere)."""
+    smem_per_block: int
+    major: int
 
 
-_LIMITS: list[tuple[int, int]] = []
+def device_limits(device: torch.device | int | None = None) -> Limits:
+    """The :class:`Limits` of a CUDA device (default: the current one), read from
+    ``torch.cuda.get_device_properties``.  Raises what torch raises when no such device exists."""
+    props = torch.cuda.get_device_properties(device)
+    return Limits(int(props.shared_memory_per_block_optin), int(props.major))
 
 
 def _elt_size(named_args) -> int:
@@ -135,17 +117,21 @@ def _elt_size(named_args) -> int:
 def _smem(c, esize: int) -> int:
     """Shared memory of a configuration's software pipeline (bytes), as Triton allocates it for
     one K loop: num_stages copies of the (BM, BK) and (BK, BN) operand tiles.  (Compiled for sm_90
-    and sm_80, the kernels' two segment loops share these buffers; see compile_check.)"""
+    and sm_80, the kernels' two segment loops share these buffers; see
+    scripts/triton_compile_check.py.)"""
     kw = c.kwargs
     return c.num_stages * (kw["BM"] * kw["BK"] + kw["BK"] * kw["BN"]) * esize
 
 
-def _prune(configs, named_args, **kwargs):
-    """Keep configurations whose pipelined tiles fit in shared memory and whose BM is not far
-    larger than M (skinny inputs); never returns an empty list."""
-    if not _LIMITS:
-        _LIMITS.append(_device_limits())
-    smem_limit, major = _LIMITS[0]
+def select_configs(configs, named_args: Mapping[str, Any], limits: Limits, *, autotune: bool) -> list:
+    """The candidate configurations of one launch on a device with ``limits``.
+
+    configs: triton.Config candidates (normally :data:`GPU_CONFIGS`); named_args: the launch's
+    arguments by kernel parameter name (the tensors give the element size, M or M1 + M2 the rows).
+    Keeps the configurations whose pipelined tiles fit in shared memory and whose BM is not far
+    larger than M (skinny inputs); with ``autotune=False`` only the first one that fits even at
+    twice the estimate (no benchmarking: one compile per kernel variant).  Never empty."""
+    smem_limit, major = limits.smem_per_block, limits.major
     family = _HOPPER_IDS if major >= 9 else _AMPERE_IDS
     esize = _elt_size(named_args)
     if "M" in named_args:
@@ -173,7 +159,7 @@ def _prune(configs, named_args, **kwargs):
         out.append(c)
     if not out:
         out = [min(configs, key=lambda c: c.num_stages * (c.kwargs["BM"] + c.kwargs["BN"]) * c.kwargs["BK"])]
-    if not _AUTOTUNE[0]:
+    if not autotune:
         # no benchmarking: the first configuration that fits even if the compiler gives each of
         # the kernel's two K loops its own pipeline buffers (twice the estimate); skinny for small M.
         order = out if m > 256 else out[::-1]
@@ -187,10 +173,17 @@ def _bench(fn, quantiles):
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
+def _prune_on_device(configs, named_args, **kwargs):
+    """Autotuner hook: :func:`select_configs` with the limits of the device of the launch's tensors."""
+    tensor = named_args.get("P", named_args.get("P1"))
+    return select_configs(configs, named_args, device_limits(tensor.device), autotune=True)
+
+
 def _make_autotuned(jit_fn, key, reset_to_zero=None):
     if isinstance(jit_fn, InterpretedFunction):
         return triton.autotune(configs=[INTERP_CONFIG], key=key)(jit_fn)
-    return triton.autotune(configs=GPU_CONFIGS, key=key, prune_configs_by={"early_config_prune": _prune},
+    return triton.autotune(configs=list(GPU_CONFIGS), key=key,
+                           prune_configs_by={"early_config_prune": _prune_on_device},
                            reset_to_zero=reset_to_zero, do_bench=_bench)(jit_fn)
 
 
@@ -414,16 +407,65 @@ _seg_rows = _make_autotuned(_seg_rows_kernel, key=["M_BUCKET", "N", "K"])
 
 
 # ---------------------------------------------------------------------------------------------
-# launchers (2-D tensors with arbitrary strides; shapes checked by the caller)
+# launches: planned by seg_cols / seg_k / seg_rows / colsum (2-D tensors with arbitrary strides;
+# shapes checked by the caller), executed by run
 # ---------------------------------------------------------------------------------------------
 
-def _flags(dtype: torch.dtype):
-    """(ACC_DTYPE, UPCAST, PRECISION) for an input dtype."""
+@dataclass(frozen=True)
+class Launch:
+    """One planned kernel launch: ``kernel[grid](*args, **constexprs, <tile configuration>)``.
+
+    name: "seg_cols", "seg_k", "seg_rows" or "colsum"; kernel: the (not autotuned) ``triton.jit``
+    function; grid: a tuple, or a callable of the launch's meta-parameters (BM, BN, ...) giving one;
+    args: the positional arguments (tensors, ints, floats) in the kernel's parameter order;
+    constexprs: the compile-time arguments the planner fixed; tuner: the kernel's autotuner when
+    the tile configuration (BM, BN, BK, GROUP_M, warps, stages) is still to be chosen, else None
+    (the constexprs are complete)."""
+    name: str
+    kernel: Any
+    grid: Callable[[dict], tuple] | tuple
+    args: tuple
+    constexprs: Mapping[str, Any]
+    tuner: Any = field(default=None, repr=False)
+
+    @property
+    def named_args(self) -> dict:
+        """The positional arguments by kernel parameter name."""
+        return dict(zip(self.kernel.arg_names, self.args))
+
+
+def first_fit_config(launch: Launch, limits: Limits | None = None):
+    """The tile configuration a launch takes without benchmarking: the first of
+    :func:`select_configs` (``autotune=False``) on a device with ``limits`` (default: the device of
+    the launch's first tensor); :data:`INTERP_CONFIG` under the interpreter."""
+    if INTERPRETED:
+        return INTERP_CONFIG
+    named = launch.named_args
+    if limits is None:
+        limits = device_limits(next(v for v in launch.args if isinstance(v, torch.Tensor)).device)
+    return select_configs(GPU_CONFIGS, named, limits, autotune=False)[0]
+
+
+def run(launch: Launch, *, autotune: bool = True) -> None:
+    """Execute a planned launch on its tensors' device.  Launches with a tile configuration to
+    choose benchmark the candidates of each new shape (autotune=True, results cached by
+    Triton) or take :func:`first_fit_config` (autotune=False)."""
+    if launch.tuner is None:
+        launch.kernel[launch.grid](*launch.args, **launch.constexprs)
+    elif autotune:
+        launch.tuner[launch.grid](*launch.args, **launch.constexprs)
+    else:
+        launch.kernel[launch.grid](*launch.args, **launch.constexprs,
+                                   **first_fit_config(launch).all_kwargs())
+
+
+def _flags(dtype: torch.dtype, tf32: bool):
+    """(ACC_DTYPE, UPCAST, PRECISION) for an input dtype; TF32 for fp32 inputs when tf32."""
     if dtype == torch.float64:
         return tl.float64, False, "ieee"
     upcast = INTERPRETED and dtype in (torch.float16, torch.bfloat16)
     if dtype == torch.float32:
-        prec = "tf32" if (tf32_enabled() and not INTERPRETED) else "ieee"
+        prec = "tf32" if (tf32 and not INTERPRETED) else "ieee"
     else:
         prec = "tf32" if not INTERPRETED else "ieee"
     return tl.float32, upcast, prec
@@ -434,6 +476,7 @@ def _fix_bf16(out_dtype: torch.dtype) -> bool:
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of inputs of ``dtype``: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -450,19 +493,18 @@ def _bucket(m: int) -> int:
 
 
 def seg_cols(P, Q1, Q2, C1, C2, *, S1=None, alpha2=None, raw_out=None, red=None, aux=None,
-             rowsum=None):
-    """C1 = (P @ Q1) [* S1 columns], C2 = alpha2 * (P @ Q2); optional raw copy of P @ Q1 into
-    raw_out, ``red += sum_rows(aux * (P @ Q1))`` (fp32/fp64 buffer), ``rowsum = sum_cols(P)``.
+             rowsum=None, tf32: bool = False) -> Launch | None:
+    """Plan C1 = (P @ Q1) [* S1 columns], C2 = alpha2 * (P @ Q2); optional raw copy of P @ Q1
+    into raw_out, ``red += sum_rows(aux * (P @ Q1))`` (fp32/fp64 buffer), ``rowsum = sum_cols(P)``.
 
     P (M, K); Q1 (K, N1); Q2 (K, N2); C1 (M, N1); C2 (M, N2); any strides.  Segments of width 0
-    are allowed (pass a (K, 0)/(M, 0) tensor).  Returns nothing; launches nothing when the grid
-    is empty."""
-    global LAUNCHES
+    are allowed (pass a (K, 0)/(M, 0) tensor).  tf32: fp32 inputs on TF32 tensor cores.
+    Returns the launch, or None when its grid is empty (M = 0 or N1 + N2 = 0)."""
     M, K = P.shape
     N1, N2 = Q1.shape[1], Q2.shape[1]
     if M == 0 or N1 + N2 == 0:
-        return
-    acc, upcast, prec = _flags(P.dtype)
+        return None
+    acc, upcast, prec = _flags(P.dtype, tf32)
     dummy = C1 if N1 > 0 else C2
     red_t = red if red is not None else torch.empty(1, device=P.device, dtype=acc_dtype(P.dtype))
     xr = raw_out if raw_out is not None else dummy
@@ -475,84 +517,75 @@ def seg_cols(P, Q1, Q2, C1, C2, *, S1=None, alpha2=None, raw_out=None, red=None,
     def grid(meta):
         return (triton.cdiv(M, meta["BM"]) * (triton.cdiv(N1, meta["BN"]) + triton.cdiv(N2, nb2)),)
 
-    LAUNCHES += 1
-    _seg_cols[grid](
-        P, Q1, Q2, C1, C2, xr, s1, au, red_t, rs,
-        M, N1, N2, K,
-        P.stride(0), P.stride(1), Q1.stride(0), Q1.stride(1), Q2.stride(0), Q2.stride(1),
-        C1.stride(0), C1.stride(1), C2.stride(0), C2.stride(1), xr.stride(0), xr.stride(1),
-        au.stride(0), au.stride(1),
-        float(alpha2) if alpha2 is not None else 1.0, _bucket(M),
+    args = (P, Q1, Q2, C1, C2, xr, s1, au, red_t, rs,
+            M, N1, N2, K,
+            P.stride(0), P.stride(1), Q1.stride(0), Q1.stride(1), Q2.stride(0), Q2.stride(1),
+            C1.stride(0), C1.stride(1), C2.stride(0), C2.stride(1), xr.stride(0), xr.stride(1),
+            au.stride(0), au.stride(1),
+            float(alpha2) if alpha2 is not None else 1.0, _bucket(M))
+    constexprs = dict(
         HAS_S1=S1 is not None, WRITE_RAW=raw_out is not None, HAS_RED=red is not None,
         HAS_RS=rowsum is not None, HAS_ALPHA=alpha2 is not None and alpha2 != 1.0,
-        ACC_DTYPE=acc, UPCAST=upcast, PRECISION=prec, FIX_BF16=_fix_bf16(dummy.dtype), NB2=nb2,
-    )
+        ACC_DTYPE=acc, UPCAST=upcast, PRECISION=prec, FIX_BF16=_fix_bf16(dummy.dtype), NB2=nb2)
+    return Launch("seg_cols", _seg_cols_kernel, grid, args, constexprs, _seg_cols)
 
 
-def seg_k(P1, Q1, P2, Q2, C, bias=None):
-    """C (M, N) = P1 @ Q1 + P2 @ Q2 (+ bias (N,)); P1 (M, K1), Q1 (K1, N), P2 (M, K2), Q2 (K2, N);
-    P2/Q2 may be None (K2 = 0).  Any strides."""
-    global LAUNCHES
+def seg_k(P1, Q1, P2, Q2, C, bias=None, *, tf32: bool = False) -> Launch | None:
+    """Plan C (M, N) = P1 @ Q1 + P2 @ Q2 (+ bias (N,)); P1 (M, K1), Q1 (K1, N), P2 (M, K2),
+    Q2 (K2, N); P2/Q2 may be None (K2 = 0).  Any strides.  tf32: fp32 inputs on TF32 tensor
+    cores.  Returns the launch, or None when its grid is empty (M = 0 or N = 0)."""
     M, N = C.shape
     if M == 0 or N == 0:
-        return
+        return None
     if P2 is None:
         P2, Q2 = P1[:, :0], Q1[:0, :]
-    acc, upcast, prec = _flags(P1.dtype)
+    acc, upcast, prec = _flags(P1.dtype, tf32)
     K1, K2 = P1.shape[1], P2.shape[1]
 
     def grid(meta):
         return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
 
-    LAUNCHES += 1
-    _seg_k[grid](
-        P1, Q1, P2, Q2, C, bias.contiguous() if bias is not None else C,
-        M, N, K1, K2,
-        P1.stride(0), P1.stride(1), Q1.stride(0), Q1.stride(1),
-        P2.stride(0), P2.stride(1), Q2.stride(0), Q2.stride(1), C.stride(0), C.stride(1),
-        _bucket(M),
-        HAS_BIAS=bias is not None, ACC_DTYPE=acc, UPCAST=upcast, PRECISION=prec,
-        FIX_BF16=_fix_bf16(C.dtype),
-    )
+    args = (P1, Q1, P2, Q2, C, bias.contiguous() if bias is not None else C,
+            M, N, K1, K2,
+            P1.stride(0), P1.stride(1), Q1.stride(0), Q1.stride(1),
+            P2.stride(0), P2.stride(1), Q2.stride(0), Q2.stride(1), C.stride(0), C.stride(1),
+            _bucket(M))
+    constexprs = dict(HAS_BIAS=bias is not None, ACC_DTYPE=acc, UPCAST=upcast, PRECISION=prec,
+                      FIX_BF16=_fix_bf16(C.dtype))
+    return Launch("seg_k", _seg_k_kernel, grid, args, constexprs, _seg_k)
 
 
-def seg_rows(P1, P2, Q, C1, C2):
-    """C1 (M1, N) = P1 @ Q, C2 (M2, N) = P2 @ Q; P1 (M1, K), P2 (M2, K), Q (K, N); any strides;
-    either segment may have 0 rows."""
-    global LAUNCHES
+def seg_rows(P1, P2, Q, C1, C2, *, tf32: bool = False) -> Launch | None:
+    """Plan C1 (M1, N) = P1 @ Q, C2 (M2, N) = P2 @ Q; P1 (M1, K), P2 (M2, K), Q (K, N); any
+    strides; either segment may have 0 rows.  tf32: fp32 inputs on TF32 tensor cores.  Returns
+    the launch, or None when its grid is empty (M1 + M2 = 0 or N = 0)."""
     M1, K = P1.shape
     M2 = P2.shape[0]
     N = Q.shape[1]
     if M1 + M2 == 0 or N == 0:
-        return
-    acc, upcast, prec = _flags(Q.dtype)
+        return None
+    acc, upcast, prec = _flags(Q.dtype, tf32)
 
     def grid(meta):
         return ((triton.cdiv(M1, meta["BM"]) + triton.cdiv(M2, meta["BM"])) * triton.cdiv(N, meta["BN"]),)
 
-    LAUNCHES += 1
-    _seg_rows[grid](
-        P1, P2, Q, C1, C2,
-        M1, M2, N, K,
-        P1.stride(0), P1.stride(1), P2.stride(0), P2.stride(1), Q.stride(0), Q.stride(1),
-        C1.stride(0), C1.stride(1), C2.stride(0), C2.stride(1),
-        _bucket(M1 + M2),
-        ACC_DTYPE=acc, UPCAST=upcast, PRECISION=prec, FIX_BF16=_fix_bf16(C1.dtype),
-    )
+    args = (P1, P2, Q, C1, C2,
+            M1, M2, N, K,
+            P1.stride(0), P1.stride(1), P2.stride(0), P2.stride(1), Q.stride(0), Q.stride(1),
+            C1.stride(0), C1.stride(1), C2.stride(0), C2.stride(1),
+            _bucket(M1 + M2))
+    constexprs = dict(ACC_DTYPE=acc, UPCAST=upcast, PRECISION=prec, FIX_BF16=_fix_bf16(C1.dtype))
+    return Launch("seg_rows", _seg_rows_kernel, grid, args, constexprs, _seg_rows)
 
 
-def colsum(X, out):
-    """out (N,) = X.sum(0) for X (M, N) with any strides, accumulated in fp32/fp64."""
-    global LAUNCHES
+def colsum(X, out) -> Launch | None:
+    """Plan out (N,) = X.sum(0) for X (M, N) with any strides, accumulated in fp32/fp64 (out of
+    that dtype); M = 0 writes zeros.  Returns the launch, or None when N = 0."""
     M, N = X.shape
     if N == 0:
-        return
-    if M == 0:
-        out.zero_()
-        return
-    acc, _, _ = _flags(X.dtype)
+        return None
+    acc, _, _ = _flags(X.dtype, False)
     BN = 32 if INTERPRETED else 128
     BM = 16 if INTERPRETED else 64
-    LAUNCHES += 1
-    _colsum_kernel[(triton.cdiv(N, BN),)](X, out, M, N, X.stride(0), X.stride(1),
-                                         BM=BM, BN=BN, ACC_DTYPE=acc)
+    return Launch("colsum", _colsum_kernel, (triton.cdiv(N, BN),),
+                  (X, out, M, N, X.stride(0), X.stride(1)), dict(BM=BM, BN=BN, ACC_DTYPE=acc))
