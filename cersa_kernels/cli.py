@@ -13,14 +13,13 @@ transformers folder (holding config.json), or a checkpoint written by ``cersa_ke
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
 from torch import nn
 
-from .convert import Plan, plan
+from .planning import Plan, plan
 
 __all__ = ["main", "load_model_for_plan", "plot_plan"]
 
@@ -35,35 +34,17 @@ def _minilm_path() -> str:
 
 
 def _from_checkpoint(path: str) -> nn.Module:
-    """A module of dense layers rebuilt from a cersa_kernels checkpoint's factors (no architecture
-    needed): each CERSA layer becomes nn.Linear(merged weight); attention gives in_proj + out_proj."""
-    from safetensors import safe_open
+    """A module of the dense layers a cersa_kernels checkpoint's CERSA layers compute (no
+    architecture needed): each saved layer is rebuilt from its factors and merged."""
+    from .io import load_layers
 
-    with safe_open(path, framework="pt") as fh:
-        meta = fh.metadata() or {}
-        if meta.get("format") != "cersa_kernels" or meta.get("kind") != "model":
-            raise SystemExit(f"cersa-kernels: {path!r} is not a cersa_kernels model checkpoint "
-                             f"(format={meta.get('format')!r}, kind={meta.get('kind')!r})")
-        layers = json.loads(meta["layers"])
-        aliases = json.loads(meta.get("aliases", "{}"))
-        keys = set(fh.keys())
-
-        def get(k):
-            k = aliases.get(k, k)
-            return fh.get_tensor(k) if k in keys else None
-
-        root = nn.Module()
-        for name, cfg in layers.items():
-            parts = [(name, cfg)]
-            if cfg.get("type") == "CersaMultiheadAttention":
-                parts = [(f"{name}.in_proj", cfg["in_proj"]), (f"{name}.out_proj", cfg["out_proj"])]
-            for pname, pcfg in parts:
-                U, S, Vh, A, B = (get(f"{pname}.{t}") for t in ("U", "S", "Vh", "A", "B"))
-                cd = torch.float64 if U.dtype == torch.float64 else torch.float32
-                W = (U.to(cd) * S.to(cd)) @ Vh.to(cd) + float(pcfg["scale"]) * (B.to(cd) @ A.to(cd))
-                lin = nn.Linear(W.shape[1], W.shape[0], bias=False, device="meta")
-                lin.weight = nn.Parameter(W.to(U.dtype), requires_grad=False)
-                root.add_module(pname.replace(".", "__"), lin)
+    try:
+        layers = load_layers(path)
+    except ValueError as exc:
+        raise SystemExit(f"cersa-kernels: {path!r} is not a cersa_kernels model checkpoint: {exc}") from None
+    root = nn.Module()
+    for name, layer in layers.items():
+        root.add_module(name.replace(".", "__"), layer.merge().requires_grad_(False))
     return root
 
 

@@ -17,17 +17,13 @@ import torch
 from torch import nn
 
 from . import __version__
-from .convert import (CERSA_LAYERS, ConversionReport, LayerRecord, _dense_numbers, _matrices, _set_module, _stored,
-                      cersa_modules)
-from .layers import CersaConv1D, CersaConv2d, CersaLinear, CersaMultiheadAttention
+from .layers import LAYER_TYPES, CersaLayer, CersaModule
+from .report import ConversionReport, record_of
+from .targets import cersa_modules, set_module
 
-__all__ = ["save", "load", "save_adapter", "load_adapter", "LAYER_TYPES"]
+__all__ = ["save", "load", "save_adapter", "load_adapter", "load_layers", "LAYER_TYPES"]
 
 FORMAT = "cersa_kernels"
-
-#: layer type name (in a file's config) -> class with from_config(cfg, device, dtype).
-LAYER_TYPES: dict[str, type] = {"CersaLinear": CersaLinear, "CersaConv1D": CersaConv1D, "CersaConv2d": CersaConv2d,
-                                "CersaMultiheadAttention": CersaMultiheadAttention}
 
 
 def _write_atomic(tensors: dict, metadata: dict, path) -> None:
@@ -100,6 +96,9 @@ def _read(path, kind: str):
             raise ValueError(f"path: expected a cersa_kernels {kind} file, got kind={meta.get('kind')!r}; "
                              f"use {'load' if meta.get('kind') == 'model' else 'load_adapter'}()")
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    for dropped, kept in json.loads(meta.get("aliases", "{}")).items():  # tied tensors, stored once
+        if kept in tensors:
+            tensors[dropped] = tensors[kept]
     return tensors, meta
 
 
@@ -119,33 +118,6 @@ def _check_keys(expected: dict, got: dict, what: str) -> None:
         raise ValueError(f"{what} does not match the model: " + "; ".join(parts))
 
 
-def _mismatch(old: nn.Module, new: nn.Module) -> str:
-    """"" when the rebuilt CERSA layer has the dense module's shape and bias flag, else the difference."""
-    try:
-        mats = [tuple(W.shape) for _, W in _matrices(old)]
-    except AttributeError:
-        return f"cannot read the weight shape of the model's {type(old).__name__}"
-    if isinstance(new, CersaMultiheadAttention):
-        got = [(new.in_proj.out_features, new.in_proj.in_features), (new.out_proj.out_features,
-                                                                      new.out_proj.in_features)]
-        bias_old = getattr(old, "in_proj_bias", None) is not None
-        bias_new = new.in_proj.bias is not None
-    else:
-        got = [(new.out_features, new.in_features)]
-        bias_old = getattr(old, "bias", None) is not None
-        bias_new = new.bias is not None
-    if mats != got:
-        return f"the file's layer has weight shape(s) {got} (out, in), the model's {type(old).__name__} {mats}"
-    if bias_old != bias_new and not isinstance(new, CersaConv1D):
-        return (f"the file's layer {'has' if bias_new else 'has no'} bias, the model's {type(old).__name__} "
-                f"{'has' if bias_old else 'has no'} bias")
-    if isinstance(new, CersaConv2d) and (tuple(new.kernel_size) != tuple(old.kernel_size)
-                                         or tuple(new.stride) != tuple(old.stride)):
-        return (f"the file's conv has kernel {new.kernel_size} stride {new.stride}, the model's "
-                f"{tuple(old.kernel_size)} {tuple(old.stride)}")
-    return ""
-
-
 def load(path, model: nn.Module) -> nn.Module:
     """Load a file written by :func:`save` into ``model``, a fresh unconverted copy of the same
     architecture: the CERSA layers are rebuilt from the stored factors (no SVD), then every weight is
@@ -156,10 +128,6 @@ def load(path, model: nn.Module) -> nn.Module:
     """
     tensors, meta = _read(path, "model")
     layers = json.loads(meta["layers"])
-    aliases = json.loads(meta.get("aliases", "{}"))
-    for dropped, kept in aliases.items():
-        if kept in tensors:
-            tensors[dropped] = tensors[kept]
     modules = dict(model.named_modules())
     new: dict[str, nn.Module] = {}
     problems = []
@@ -168,7 +136,7 @@ def load(path, model: nn.Module) -> nn.Module:
         if old is None:
             problems.append(f"{name}: no such module in the model")
             continue
-        if isinstance(old, CERSA_LAYERS):
+        if isinstance(old, CersaModule):
             problems.append(f"{name}: already a CERSA layer; load into a fresh, unconverted model")
             continue
         cls = LAYER_TYPES.get(cfg.get("type"))
@@ -184,7 +152,7 @@ def load(path, model: nn.Module) -> nn.Module:
         except (TypeError, ValueError, KeyError) as exc:
             problems.append(f"{name}: {exc}")
             continue
-        why = _mismatch(old, new[name])
+        why = new[name].mismatch(old)
         if why:
             problems.append(f"{name}: {why}")
     if problems:
@@ -199,16 +167,13 @@ def load(path, model: nn.Module) -> nn.Module:
             expected[f"{n}.{k}"] = v.shape
     _check_keys(expected, tensors, f"checkpoint {os.fspath(path)!r}")
     for n, mod in new.items():
-        _set_module(model, n, mod)
+        set_module(model, n, mod)
     model.load_state_dict(tensors, strict=True)
     trainable = set(json.loads(meta.get("trainable", "[]")))
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable)
-    model.cersa_report = ConversionReport(layers=[
-        LayerRecord(n, type(m).__name__, getattr(m, "out_features", 0), getattr(m, "in_features", 0), "converted",
-                    "loaded", rank=m.rank, frozen_rank=m.frozen_rank, delta_rank=m.delta_rank, energy=m.energy,
-                    params_before=_dense_numbers(m), params_after=_stored(m)[1])
-        for n, m in new.items()])
+    model.cersa_report = ConversionReport(layers=[record_of(n, m, "converted", "loaded", kind=type(m).__name__)
+                                                  for n, m in new.items()])
     return model
 
 
@@ -236,9 +201,6 @@ def load_adapter(path, model: nn.Module) -> nn.Module:
     differences (frozen_rank, delta_rank, scale); then the model is unchanged.
     """
     tensors, meta = _read(path, "adapter")
-    for dropped, kept in json.loads(meta.get("aliases", "{}")).items():
-        if kept in tensors:
-            tensors[dropped] = tensors[kept]
     layers = json.loads(meta["layers"])
     ours = cersa_modules(model)
     diffs = []
@@ -249,8 +211,8 @@ def load_adapter(path, model: nn.Module) -> nn.Module:
             continue
         mine = mod.cersa_config()
         pairs = [(name, mine, cfg)]
-        if mine.get("type") == "CersaMultiheadAttention" and cfg.get("type") == mine.get("type"):
-            pairs += [(f"{name}.{p}", mine[p], cfg.get(p, {})) for p in ("in_proj", "out_proj")]
+        if mine.get("type") == cfg.get("type"):  # a composite module's parts are compared too
+            pairs += [(f"{name}.{k}", v, cfg.get(k, {})) for k, v in mine.items() if isinstance(v, dict)]
         for where, a, b in pairs:
             for key in ("type", "in_features", "out_features", "frozen_rank", "delta_rank", "scale"):
                 if key in a and a.get(key) != b.get(key):
@@ -262,7 +224,7 @@ def load_adapter(path, model: nn.Module) -> nn.Module:
     unexpected = sorted(set(tensors) - set(params))
     shapes = sorted(f"{k}: file {tuple(v.shape)} vs model {tuple(params[k].shape)}"
                     for k, v in tensors.items() if k in params and tuple(v.shape) != tuple(params[k].shape))
-    missing = sorted(f"{n}.{p}" for n, m in model.named_modules() if n and isinstance(m, (CersaLinear, CersaConv2d))
+    missing = sorted(f"{n}.{p}" for n, m in model.named_modules() if n and isinstance(m, CersaLayer)
                      for p in ("A", "B") if f"{n}.{p}" not in tensors)
     if unexpected or shapes or missing:
         parts = [f"unexpected keys: {unexpected}"] if unexpected else []
@@ -274,3 +236,22 @@ def load_adapter(path, model: nn.Module) -> nn.Module:
             params[k].copy_(v)
             params[k].requires_grad_(True)
     return model
+
+
+def load_layers(path, device=None) -> dict[str, CersaModule]:
+    """The CERSA modules saved in a :func:`save` file, rebuilt from their configs and factors
+    without the model they belong to: {module name: CersaModule} (each in its saved dtype, on
+    ``device``).  For tools that need the layers alone (e.g. ``merge()`` each of them).  Raises as
+    :func:`load` for a file that is not a cersa_kernels model file."""
+    tensors, meta = _read(path, "model")
+    out: dict[str, CersaModule] = {}
+    for name, cfg in json.loads(meta["layers"]).items():
+        cls = LAYER_TYPES.get(cfg.get("type"))
+        if cls is None:
+            raise ValueError(f"path: layer {name!r} has unknown type {cfg.get('type')!r}")
+        own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        dtype = next((v.dtype for v in own.values() if v.is_floating_point()), None)
+        layer = cls.from_config(cfg, device=device, dtype=dtype)
+        layer.load_state_dict(own, strict=True)
+        out[name] = layer
+    return out

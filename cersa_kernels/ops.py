@@ -7,14 +7,13 @@ applies the autocast dtype, picks a backend and wraps the backend's forward/back
 """
 from __future__ import annotations
 
-import functools
 import math
-import os
 
 import torch
 from torch import Tensor
 
-from .backends import BACKEND_MODULES, backend_status, default_backend, load_backend
+from .backends import has_own_autograd, load_backend, resolve_backend
+from .backends._catalogue import effective_needs
 
 __all__ = ["cersa_linear", "resolve_backend"]
 
@@ -36,53 +35,8 @@ def _check_shape(name: str, t: Tensor, expected: tuple, meaning) -> None:
         raise ValueError(f"{name}: expected shape {tuple(expected)} {meaning()}, got {tuple(t.shape)}")
 
 
-@torch.compiler.assume_constant_result
-def _default_backend_for(device_type: str) -> str:
-    return _default_backend_cached(device_type, os.environ.get("CERSA_BACKEND"))
-
-
-@functools.lru_cache(maxsize=None)
-def _default_backend_cached(device_type: str, env: str | None) -> str:
-    # keyed on $CERSA_BACKEND too, so that changing it takes effect; the answer for one
-    # (device type, setting) is fixed for the life of the process
-    return default_backend(device_type)
-
-
-@torch.compiler.assume_constant_result
-def _backend_problem(name: str, device_type: str) -> str:
-    """"" when backend ``name`` runs on ``device_type``, else why not.  A constant for
-    torch.compile: the first call may import the backend module, which dynamo cannot trace."""
-    return _backend_problem_cached(name, device_type)
-
-
-@functools.lru_cache(maxsize=None)
-def _backend_problem_cached(name: str, device_type: str) -> str:
-    ok, why = backend_status(name, device_type)  # imports the backend once; its answer is fixed
-    return "" if ok else (why or "unavailable")
-
-
-def resolve_backend(backend: str | None, device_type: str) -> str:
-    """The backend name used for tensors on ``device_type``.
-
-    backend: None (the fastest available, or $CERSA_BACKEND), or one of "reference", "cpp",
-    "cuda", "triton".  Raises TypeError for a non-str, ValueError for an unknown name and
-    RuntimeError, with the reason, for a backend that cannot run here.
-    """
-    if backend is not None and not isinstance(backend, str):
-        raise TypeError(f"backend: expected None or one of {sorted(BACKEND_MODULES)}, "
-                        f"got {type(backend).__name__} {backend!r}")
-    name = backend if backend is not None else _default_backend_for(device_type)
-    source = "backend" if backend is not None else "CERSA_BACKEND"
-    if name not in BACKEND_MODULES:
-        raise ValueError(f"{source}: expected None or one of {sorted(BACKEND_MODULES)}, got {name!r}")
-    why = _backend_problem(name, device_type)
-    if why:
-        raise RuntimeError(f"{source}: {name!r} cannot run on {device_type!r} tensors here: {why}")
-    return name
-
-
 class _CersaLinearFunction(torch.autograd.Function):
-    """Autograd of DESIGN.md's forward/backward; saves x only when dA or dVh is needed,
+    """Autograd of docs/design.md "Forward" / "Backward"; saves x only when dA or dVh is needed,
     h_k = s x A^T (N, k) only when dB is needed, and xv = x Vh^T (N, r) only when dS or dU is."""
 
     @staticmethod
@@ -101,8 +55,7 @@ class _CersaLinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, h_k, xv, U, S, Vh, A, B = ctx.saved_tensors
         need = ctx.needs_input_grad
-        needs = (need[2], need[3], need[4], need[5], need[6] and ctx.has_delta,
-                 need[7] and ctx.has_delta, need[8] and ctx.has_bias)
+        needs = effective_needs((*need[2:8], need[8] and ctx.has_bias), ctx.has_delta)
         if not any(needs):
             return (None,) * 9
         with torch.no_grad():
@@ -132,14 +85,8 @@ class _SecondDerivativeRefused(torch.autograd.Function):
                            "once_differentiable (double backward is not supported)")
 
 
-@torch.compiler.assume_constant_result
-def _has_own_autograd(name: str) -> bool:
-    """Whether backend ``name`` brings its own differentiable ``linear`` (C++ autograd)."""
-    return hasattr(load_backend(name), "linear")
-
-
 def _apply(name: str, scale: float, x, U, S, Vh, A, B, bias):
-    if _has_own_autograd(name):
+    if has_own_autograd(name):
         return load_backend(name).linear(x, U, S, Vh, A, B, bias, scale)
     return _CersaLinearFunction.apply(name, scale, x, U, S, Vh, A, B, bias)
 
@@ -155,7 +102,7 @@ def cersa_linear(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None =
     torch.autocast for x's device, every tensor is cast to the autocast dtype first (the casts are
     differentiable, so each gradient comes back in its own tensor's dtype) and y has that dtype;
     otherwise y has x's dtype.  All tensors on one device.
-    Gradients: for x, A, B, S, bias, and U/Vh too when they require grad (DESIGN.md "Backward");
+    Gradients: for x, A, B, S, bias, and U/Vh too when they require grad (docs/design.md "Backward");
     the backward saves x and the (N, k) product s x A^T like LoRA, plus (N, r) only when S or U
     trains.  scale: a finite real number (the LoRA-style delta scale s).
     Not supported, and raising rather than returning wrong values: second derivatives (the
@@ -164,7 +111,7 @@ def cersa_linear(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None =
     of "reference", "cpp", "cuda", "triton" (see ``cersa_kernels.available_backends()``).
     Raises TypeError/ValueError naming the argument, expected and received value for wrong
     types, shapes, dtypes or devices; RuntimeError if the named backend cannot run here.
-    Math: DESIGN.md "Forward" / "Backward" (CERSA, arXiv 2605.08174, Sec. 3).
+    Math: docs/design.md "Forward" / "Backward" (CERSA, arXiv 2605.08174, Sec. 3).
     """
     _check_tensor("x", x)
     if x.dim() < 1:

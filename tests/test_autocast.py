@@ -1,4 +1,4 @@
-"""torch.autocast and mixed dtypes (issue 7, item 3).
+"""torch.autocast and mixed dtypes.
 
 The output-dtype rule (documented in ``cersa_linear`` and ``CersaLinear.forward``): under
 torch.autocast for x's device every tensor is cast to the autocast dtype and y has that dtype;

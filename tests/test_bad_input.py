@@ -1,4 +1,4 @@
-"""Bad input (issue 7, item 6): every case raises a specific exception whose message names the
+"""Bad input: every case raises a specific exception whose message names the
 argument (or layer), the expected and the received value, and leaves the model exactly as it was
 (same module types under the same names, same tensors bit for bit, same requires_grad flags).
 

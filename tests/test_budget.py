@@ -1,4 +1,4 @@
-"""Rank policies and the fast decomposition (issue 6, items 4-5): randomized SVD with a checkable
+"""Rank policies and the fast decomposition: randomized SVD with a checkable
 energy guarantee, rank rounding / caps, the budget allocation and its comparison with one energy per
 layer, and their use through ``convert``."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import cersa_kernels as ck
-from cersa_kernels.convert import plan
+from cersa_kernels.planning import plan
 from cersa_kernels.decompose import (allocate_budget, energy_rank, randomized_svd, round_rank, truncated_svd,
                                      uniform_energy_for_budget)
 

@@ -1,4 +1,4 @@
-"""Gradient checkpointing with CERSA layers (issue 7, item 2): torch.utils.checkpoint with
+"""Gradient checkpointing with CERSA layers: torch.utils.checkpoint with
 use_reentrant=False and =True, and transformers' gradient_checkpointing_enable() on a converted
 MiniLM, give the gradients of the plain run.  Each test also checks that the layers really ran
 twice (forward + recomputation), so a silently disabled checkpoint cannot pass."""

@@ -1,4 +1,4 @@
-"""The ``cersa-kernels plan`` console script (issue 6, item 6), run in-process on the embedded
+"""The ``cersa-kernels plan`` console script, run in-process on the embedded
 MiniLM (restricted to one encoder layer to stay fast), a saved checkpoint and a transformers folder."""
 from __future__ import annotations
 

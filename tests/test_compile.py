@@ -1,6 +1,6 @@
 """torch.compile on the CPU: the functional op and a converted MiniLM encoder layer compile with
 fullgraph=True and dynamic shapes, never recompile across sequence lengths, and give the eager
-outputs and gradients (issue 7, item 4)."""
+outputs and gradients."""
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,4 @@
-"""Conversion beyond nn.Linear (issue 6, items 1-3): transformers' Conv1D (GPT-2), nn.Conv2d (incl.
+"""Conversion beyond nn.Linear: transformers' Conv1D (GPT-2), nn.Conv2d (incl.
 the ImageNet MobileNetV2 real check) and nn.MultiheadAttention.
 
 Tolerances: energy 1.0 keeps every singular component, so converted outputs equal the dense ones up
@@ -396,3 +396,58 @@ def test_mha_save_load_and_adapter(tmp_path):
     other = ck.convert(copy.deepcopy(base), energy=0.9, delta_rank=2, max_frozen_ratio=None, progress=False)
     ck.load_adapter(tmp_path / "a.safetensors", other)
     torch.testing.assert_close(other.attn(q, q, q)[0], conv.attn(q, q, q)[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# nn.Conv1d / nn.Conv3d (the same CersaConvNd math in 1 and 3 spatial dimensions)
+# ----------------------------------------------------------------------------------------------
+CONVND_CASES = [
+    (nn.Conv1d, dict(in_channels=5, out_channels=7, kernel_size=3, stride=2, padding=1), (2, 5, 11)),
+    (nn.Conv1d, dict(in_channels=6, out_channels=6, kernel_size=1, bias=False), (3, 6, 1)),
+    (nn.Conv1d, dict(in_channels=4, out_channels=9, kernel_size=3, padding=2, dilation=2, padding_mode="reflect"),
+     (2, 4, 13)),
+    (nn.Conv3d, dict(in_channels=3, out_channels=5, kernel_size=(3, 1, 2), stride=(1, 2, 1), padding=(1, 0, 1)),
+     (2, 3, 5, 6, 7)),
+    (nn.Conv3d, dict(in_channels=2, out_channels=4, kernel_size=3, padding=1, padding_mode="circular"), (1, 2, 4, 5, 3)),
+]
+
+
+@pytest.mark.parametrize("dense_cls,case,shape", CONVND_CASES,
+                         ids=lambda v: v.__name__ if isinstance(v, type) else None)
+def test_convnd_matches_dense_forward_gradients_merge_and_io(dense_cls, case, shape, tmp_path):
+    """Float64 at energy 1.0 (every component kept): output and dx equal the dense conv's, dA / dB the
+    gradients of the dense conv with kernel U S Vh + s B A, merge gives the same class and kernel, and
+    a saved file loads into a fresh copy with identical outputs."""
+    torch.manual_seed(5)
+    conv = dense_cls(**case).double()
+    model = nn.Sequential(copy.deepcopy(conv))
+    ck.convert(model, energy=1.0, delta_rank=2, init="lora", alpha=2.0, max_frozen_ratio=None, progress=False)
+    layer = model[0]
+    assert type(layer).__name__ == f"Cersa{dense_cls.__name__}" and layer.kind == dense_cls.__name__
+    with torch.no_grad():
+        layer.B.normal_()  # a nonzero delta, so dA and dx see it
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    gy = torch.randn_like(y)
+    (y * gy).sum().backward()
+    A = layer.A.detach().clone().requires_grad_(True)
+    B = layer.B.detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    W = ((layer.U * layer.S) @ layer.Vh + layer.scale * B @ A).view_as(conv.weight)
+    ref = copy.deepcopy(conv)
+    del ref.weight
+    ref.weight = W
+    y2 = ref(x2)
+    (y2 * gy).sum().backward()
+    _close(y, y2, rtol=1e-10, what="output")
+    _close(x.grad, x2.grad, rtol=1e-10, what="dx")
+    _close(layer.A.grad, A.grad, rtol=1e-10, what="dA")
+    _close(layer.B.grad, B.grad, rtol=1e-10, what="dB")
+    merged = layer.merge()
+    assert type(merged) is dense_cls and merged.padding_mode == conv.padding_mode
+    _close(merged.weight, W.detach(), rtol=1e-10, what="merged kernel")
+    path = tmp_path / "convnd.safetensors"
+    ck.save(model, path)
+    fresh = nn.Sequential(copy.deepcopy(conv))
+    ck.load(path, fresh)
+    assert torch.equal(fresh[0](x.detach()), layer(x.detach()))

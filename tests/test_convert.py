@@ -433,7 +433,7 @@ def test_minilm_ranks_match_float64(minilm_093, minilm_singular_values):
         assert rows[name].rank == mod.rank == r64, (name, rows[name].rank, r64)
         assert abs(mod.energy - c[r64 - 1]) < 1e-6, name
         ranks.append(r64 / len(s))
-    assert 0.3 < min(ranks) and max(ranks) < 0.9  # DESIGN.md: 0.41-0.77 of min(m, n) at 0.93
+    assert 0.3 < min(ranks) and max(ranks) < 0.9  # README: 0.41-0.77 of min(m, n) at 0.93
 
 
 @pytest.mark.parametrize("tau", [0.5, 0.8, 0.9, 0.95])

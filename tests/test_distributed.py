@@ -1,5 +1,5 @@
-"""Converted models inside PyTorch's distributed engines, on the CPU with gloo and 2 processes
-(issue 7, item 1): DDP (find_unused_parameters=False), FSDP2 (``fully_shard``: the frozen factors
+"""Converted models inside PyTorch's distributed engines, on the CPU with gloo and 2 processes:
+DDP (find_unused_parameters=False), FSDP2 (``fully_shard``: the frozen factors
 are sharded as well as the deltas) and FSDP1 (``use_orig_params=True``, since its FlatParameter
 needs uniform requires_grad).
 

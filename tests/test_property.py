@@ -1,4 +1,4 @@
-"""Property-based tests of ``cersa_linear`` (issue 7, item 7), with hypothesis.
+"""Property-based tests of ``cersa_linear``, with hypothesis.
 
 Random sizes m, n, frozen rank r, delta rank k (including 0 and 1, and no delta at all), leading
 dimensions of x (none to three, each possibly 0 or 1), dtypes (fp64, fp32, fp16, bf16), memory

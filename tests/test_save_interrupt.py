@@ -1,4 +1,4 @@
-"""Interrupted saves (issue 7, item 8): a save that fails mid-write, at any step of the write, leaves
+"""Interrupted saves: a save that fails mid-write, at any step of the write, leaves
 the previous checkpoint intact and loadable (same bytes, same outputs), for ``save`` and
 ``save_adapter``, whether the failure is an exception or the process dying."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""transformers' Trainer on a converted MiniLM (issue 7, item 5).
+"""transformers' Trainer on a converted MiniLM.
 
 A converted MiniLM (its first encoder layer, real weights, plus a new 2-class head: converting all
 six layers would only add SVD time) trains 3 steps through ``Trainer`` on a tiny synthetic

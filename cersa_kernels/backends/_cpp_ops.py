@@ -9,11 +9,10 @@ The extension (built by setup.py from csrc/) defines, through TORCH_LIBRARY::
         (differentiable: its autograd, in C++, calls the two kernels above)
 
 with CPU kernels in ``cersa_kernels._C`` and CUDA kernels in ``cersa_kernels._C_cuda``
-(DESIGN.md "Forward"/"Backward"; shapes in ``cersa_kernels.backends``' contract).  Outputs an op
-does not compute are empty: h_k is (N, 0) without A, xv is (N, 0) unless save_xv, and a gradient
-whose ``needs`` flag is false (dA, dB also when A is None) is (0,).
+(docs/design.md "Forward"/"Backward"; signatures and output shapes in
+``cersa_kernels.backends._catalogue``).
 
-This module registers, from Python, the fake (meta) kernels, so that
+This module registers, from Python, the catalogue's fake (meta) kernels, so that
 torch.compile(fullgraph=True, dynamic=True) traces the ops and torch.library.opcheck passes.
 ``linear_forward`` and ``linear_backward`` are kernels, not differentiable functions;
 ``cersa::linear`` is the differentiable op, with a C++ autograd kernel (csrc/cersa_autograd.cpp)
@@ -28,6 +27,8 @@ import importlib
 import warnings
 
 import torch
+
+from . import _catalogue
 
 #: None when cersa_kernels._C (schemas + CPU kernels) loaded, else the reason it did not.
 CPU_ERROR: str | None = None
@@ -56,37 +57,7 @@ else:
                           "backend is off.", RuntimeWarning, stacklevel=2)
 
 
-def _sizes(U, Vh, A):
-    m, r = U.shape
-    n = Vh.shape[1]
-    k = A.shape[0] if A is not None else 0
-    return m, r, n, k
-
-
 if CPU_ERROR is None:
-
-    @torch.library.register_fake("cersa::linear_forward")
-    def _linear_forward_fake(x, U, S, Vh, A, B, bias, scale, save_xv):
-        m, r, n, k = _sizes(U, Vh, A)
-        torch._check(x.dim() == 2 and x.shape[1] == n,
-                     lambda: f"cersa: x: expected shape (N, {n}), got {tuple(x.shape)}")
-        N = x.shape[0]
-        return x.new_empty((N, m)), x.new_empty((N, k)), x.new_empty((N, r if save_xv else 0))
-
-    @torch.library.register_fake("cersa::linear")
-    def _linear_fake(x, U, S, Vh, A, B, bias, scale):
-        m, _, n, _ = _sizes(U, Vh, A)
-        torch._check(x.dim() == 2 and x.shape[1] == n,
-                     lambda: f"cersa: x: expected shape (N, {n}), got {tuple(x.shape)}")
-        return x.new_empty((x.shape[0], m))
-
-    @torch.library.register_fake("cersa::linear_backward")
-    def _linear_backward_fake(dy, x, h_k, xv, U, S, Vh, A, B, scale, needs):
-        m, r, n, k = _sizes(U, Vh, A)
-        torch._check(dy.dim() == 2 and dy.shape[1] == m,
-                     lambda: f"cersa: dy: expected shape (N, {m}), got {tuple(dy.shape)}")
-        N = dy.shape[0]
-        has = A is not None
-        shapes = ((N, n), (m, r), (r,), (r, n), (k, n), (m, k), (m,))
-        flags = (needs[0], needs[1], needs[2], needs[3], needs[4] and has, needs[5] and has, needs[6])
-        return tuple(dy.new_empty(s if f else (0,)) for s, f in zip(shapes, flags))
+    torch.library.register_fake("cersa::linear_forward")(_catalogue.forward_fake)
+    torch.library.register_fake("cersa::linear")(_catalogue.linear_fake)
+    torch.library.register_fake("cersa::linear_backward")(_catalogue.backward_fake)

@@ -1,7 +1,7 @@
 """Reference backend: ``cersa_linear`` forward and backward in plain PyTorch ops.
 
 This is the ground truth every faster backend is tested against, and the path
-used where no extension is built.  It follows DESIGN.md's forward/backward
+used where no extension is built.  It follows docs/design.md "Forward" / "Backward"
 exactly (see the contract in ``cersa_kernels.backends``): every product goes
 through ``torch.mm``/``torch.addmm`` on the separate factors, so no (m, n)
 tensor and no concatenated copy of [Vh; A] or [U | B] is ever made.

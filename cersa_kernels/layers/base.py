@@ -1,0 +1,364 @@
+"""The base classes of every CERSA module.
+
+``CersaModule`` is what the layer registry (``cersa_kernels.layers``) and everything above it
+(convert, plan, the report, save/load, merge, the CLI) talk to: which dense modules a class
+replaces, why one of them cannot be taken, which (out, in) matrices it decomposes, how it builds
+itself from a dense module, what it stores, and how it merges back.
+
+``CersaLayer`` is the CersaModule that owns one set of factors (docs/design.md "Forward"):
+U (m, frozen_rank), S (frozen_rank,), Vh (frozen_rank, n) frozen; the delta A (k, n), B (m, k)
+trainable; bias (m,) or None; with rank, frozen_rank, delta_rank, scale, energy, init, the merged
+weight and the saved config.  A subclass adds only its geometry (``geometry`` / ``geometry_of``:
+the constructor arguments that are not factors), its forward, and its dense module (``merge``).
+"""
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..config import CersaConfig
+from ..decompose import check_rank, truncated_svd
+
+__all__ = ["CersaModule", "CersaLayer", "compute_dtype"]
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a CERSA forward computes in: the autocast dtype under torch.autocast, else x's."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def caster(dtype: torch.dtype):
+    """t -> t in ``dtype`` (a differentiable cast; None and tensors already in it pass unchanged)."""
+    return lambda t: t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+class CersaModule(nn.Module):
+    """Interface of a CERSA module as the layer registry sees it (abstract).
+
+    Class attributes: ``kind`` (the dense layer kind shown in reports, e.g. "Linear"),
+    ``dense_types`` (the dense classes it replaces), ``arg`` (the argument name used in errors).
+    """
+
+    kind: ClassVar[str] = ""
+    dense_types: ClassVar[tuple[type, ...]] = ()
+    arg: ClassVar[str] = "module"
+
+    # ---- what it replaces -------------------------------------------------------------------
+    @classmethod
+    def claims(cls, module: nn.Module) -> bool:
+        """Whether ``module`` is of the dense family this class replaces (convertible or not)."""
+        return isinstance(module, cls.dense_types)
+
+    @classmethod
+    def unsupported_reason(cls, module: nn.Module) -> str:
+        """"" when this class can replace ``module`` (one it claims), else why not.  A subclass of a
+        dense type that overrides its forward is refused: replacing it would lose that behaviour."""
+        for base in cls.dense_types:
+            if isinstance(module, base) and type(module).forward is not base.forward:
+                return (f"{type(module).__name__} overrides {base.__name__}.forward; replacing it would lose "
+                        f"that behaviour")
+        return ""
+
+    @classmethod
+    def matrices(cls, module: nn.Module) -> list[tuple[str, Tensor]]:
+        """The (label, (out, in) matrix) pairs of ``module`` that are decomposed, one rank each."""
+        raise NotImplementedError
+
+    @classmethod
+    def dense_shape(cls, module: nn.Module) -> tuple[int, int]:
+        """(out, in) shown in reports for ``module``: its first matrix's shape."""
+        W = cls.matrices(module)[0][1]
+        return int(W.shape[0]), int(W.shape[1])
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, config: CersaConfig | None = None, *, ranks=None,
+                   name: str = "layer", **options) -> "CersaModule":
+        """Decompose ``module`` and build the CERSA module.  config / options: a CersaConfig or its
+        fields as keywords; ranks: one rank per matrix of ``matrices`` (None entries, or ranks=None:
+        the config's energy or rank decides).  Raises TypeError for a module of another type,
+        ValueError (naming ``name``) for one that cannot be converted or a bad argument."""
+        raise NotImplementedError
+
+    def parts(self) -> list["CersaLayer"]:
+        """The factor-owning layers of this module, in the order of ``matrices``."""
+        raise NotImplementedError
+
+    def merge(self) -> nn.Module:
+        """The dense module this one computes."""
+        raise NotImplementedError
+
+    def cersa_config(self) -> dict:
+        """Everything needed to rebuild an empty module of this shape (JSON-serialisable; save/load)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, cfg: dict, device=None, dtype=None, like: nn.Module | None = None) -> "CersaModule":
+        """An uninitialised module from :meth:`cersa_config`'s dict; ``like``: the dense module it
+        replaces (a subclass may take the dense class from it)."""
+        raise NotImplementedError
+
+    # ---- derived from the parts (a composite module also has rank, frozen_rank, delta_rank, energy) ----
+    def stored_numbers(self) -> tuple[int, int]:
+        """(frozen numbers of the rank-r truncation, sum r (m + n + 1); stored frozen + delta numbers,
+        sum frozen_rank (m + n + 1) + k (m + n)), biases excluded (docs/design.md "Stored frozen
+        parameters")."""
+        trunc = after = 0
+        for p in self.parts():
+            m, n = p.out_features, p.in_features
+            trunc += p.rank * (m + n + 1)
+            after += p.frozen_rank * (m + n + 1) + p.delta_rank * (m + n)
+        return trunc, after
+
+    def dense_numbers(self) -> int:
+        """m n summed over the matrices the module stands for."""
+        return sum(p.out_features * p.in_features for p in self.parts())
+
+    def mismatch(self, dense: nn.Module) -> str:
+        """"" when this module (rebuilt from a file) fits ``dense``, the module it replaces, else the
+        difference in words."""
+        if not type(self).claims(dense):
+            return f"the file's {type(self).__name__} cannot replace the model's {type(dense).__name__}"
+        try:
+            mats = [tuple(W.shape) for _, W in type(self).matrices(dense)]
+        except AttributeError:
+            return f"cannot read the weight shape of the model's {type(dense).__name__}"
+        got = [(p.out_features, p.in_features) for p in self.parts()]
+        if mats != got:
+            return f"the file's layer has weight shape(s) {got} (out, in), the model's {type(dense).__name__} {mats}"
+        return ""
+
+
+class CersaLayer(CersaModule):
+    """A CERSA module that owns one set of factors of an (m, n) = (out_features, in_features) matrix.
+
+    Computes (through the subclass's forward) the map of W = U diag(S) Vh + scale * B A
+    (docs/design.md "Forward"; paper Sec. 3).
+
+    Tensors (nn.Parameters; all of the layer's dtype and device):
+      U (out_features, frozen_rank), S (frozen_rank,), Vh (frozen_rank, in_features): the frozen
+        retained subspace (S trainable only with train_S=True);
+      A (delta_rank, in_features), B (out_features, delta_rank): the trainable delta
+        (lora_A / lora_B in PEFT's terms);
+      bias (out_features,) or None (trainable only with train_bias=True).
+    Attributes: in_features, out_features; rank = r, the number of singular components of W the
+      layer represents at init (frozen_rank + the components moved into the delta by "principal");
+      frozen_rank = U.shape[1]; delta_rank = k; scale = s; energy = retained fraction
+      sum_{i<=r} sigma_i^2 / ||W||_F^2 (NaN when unknown); init; backend (None = automatic).
+    """
+
+    def __init__(self, out_features: int, in_features: int, frozen_rank: int, delta_rank: int = 16, *,
+                 bias: bool = True, rank: int | None = None, scale: float = 1.0, energy: float = float("nan"),
+                 init: str = "principal", train_S: bool = False, train_bias: bool = False,
+                 backend: str | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        # the delta options are checked by CersaConfig, the one place that knows them
+        CersaConfig(energy=None, rank=0, delta_rank=delta_rank, init=init, backend=backend)
+        check_rank(frozen_rank, min(in_features, out_features), name="frozen_rank")
+        m, n = int(out_features), int(in_features)
+        self.in_features, self.out_features = n, m
+        self.delta_rank = delta_rank
+        self.rank = frozen_rank if rank is None else rank
+        self.scale = float(scale)
+        self.energy = float(energy)
+        self.init = init
+        self.backend = backend
+        kw = {"device": device, "dtype": dtype}
+        self.U = nn.Parameter(torch.empty(m, frozen_rank, **kw), requires_grad=False)
+        self.S = nn.Parameter(torch.empty(frozen_rank, **kw), requires_grad=bool(train_S))
+        self.Vh = nn.Parameter(torch.empty(frozen_rank, n, **kw), requires_grad=False)
+        self.A = nn.Parameter(torch.empty(delta_rank, n, **kw))
+        self.B = nn.Parameter(torch.empty(m, delta_rank, **kw))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(m, **kw), requires_grad=bool(train_bias))
+        else:
+            self.register_parameter("bias", None)
+
+    # ---- geometry: what a subclass adds -----------------------------------------------------------
+    def geometry(self) -> dict:
+        """The constructor arguments that are not factors (JSON-serialisable)."""
+        return {"in_features": self.in_features, "out_features": self.out_features}
+
+    @classmethod
+    def geometry_of(cls, module: nn.Module) -> dict:
+        """:meth:`geometry` of the CERSA layer that replaces the dense ``module``."""
+        (_, W), = cls.matrices(module)
+        return {"in_features": int(W.shape[1]), "out_features": int(W.shape[0])}
+
+    @classmethod
+    def dense_bias(cls, module: nn.Module) -> Tensor | None:
+        """The dense module's bias (out_features,), or None."""
+        return getattr(module, "bias", None)
+
+    @classmethod
+    def _from_geometry(cls, geometry: dict, **factor_options) -> "CersaLayer":
+        """An uninitialised layer (subclasses map geometry to their constructor)."""
+        return cls(geometry["in_features"], geometry["out_features"], **factor_options)
+
+    # ---- building -----------------------------------------------------------------------------
+    @property
+    def frozen_rank(self) -> int:
+        return self.U.shape[1]
+
+    def parts(self) -> list["CersaLayer"]:
+        return [self]
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, config: CersaConfig | None = None, *, ranks=None,
+                   name: str = "layer", **options) -> "CersaLayer":
+        if not cls.claims(module):
+            raise TypeError(f"{cls.arg}: expected {cls.expects()}, got {type(module).__name__}")
+        why = cls.unsupported_reason(module)
+        if why:
+            raise ValueError(f"{name}: {why}")
+        config = CersaConfig.make(config, **options)
+        (label, W), = cls.matrices(module)
+        rank = ranks[0] if ranks and ranks[0] is not None else config.rank
+        U, S, Vh, info = truncated_svd(W, energy=config.energy if rank is None else None, rank=rank,
+                                       where=f"{name}.{label}", svd=config.svd)
+        return cls.from_factors(U, S, Vh, cls.dense_bias(module), geometry=cls.geometry_of(module),
+                                config=config, energy=info.energy, dtype=W.dtype)
+
+    @classmethod
+    def expects(cls) -> str:
+        """What ``from_dense`` takes, in words (for errors)."""
+        return " or ".join(f"an nn.{t.__name__}" if t.__module__.startswith("torch.nn") else f"a {t.__name__}"
+                           for t in cls.dense_types)
+
+    @classmethod
+    def from_factors(cls, U: Tensor, S: Tensor, Vh: Tensor, bias: Tensor | None = None, *,
+                     geometry: dict | None = None, config: CersaConfig | None = None, scale: float | None = None,
+                     energy: float = float("nan"), dtype: torch.dtype | None = None, **options) -> "CersaLayer":
+        """Build the layer from truncated SVD factors U (m, r), S (r,), Vh (r, n) (float32/64) and an
+        optional bias (m,).  config / options: the delta options of CersaConfig (delta_rank, alpha,
+        init, train_S, train_bias, backend); scale overrides alpha / delta_rank.  Tensors are stored
+        in ``dtype`` (default: U's dtype), rounded once.  geometry: the subclass's non-factor
+        constructor arguments (default: in_features = n, out_features = m).  Inits: docs/design.md
+        "Inits"."""
+        if config is None:
+            options.setdefault("energy", None)
+            options.setdefault("rank", 0)
+        config = CersaConfig.make(config, **options)
+        m, r = U.shape
+        n = Vh.shape[1]
+        dtype = dtype or U.dtype
+        k = config.delta_rank
+        with torch.no_grad():
+            moved, A, B = _principal_split(U, S, Vh, k, config.init)
+        geometry = geometry or {"in_features": n, "out_features": m}
+        layer = cls._from_geometry(geometry, frozen_rank=r - moved, delta_rank=k, bias=bias is not None, rank=r,
+                                   scale=config.scale if scale is None else scale, energy=energy, init=config.init,
+                                   train_S=config.train_S, train_bias=config.train_bias, backend=config.backend,
+                                   device=U.device, dtype=dtype)
+        with torch.no_grad():
+            Uf, Sf = _fit_dtype(U[:, moved:], S[moved:], dtype)
+            layer.U.copy_(Uf)
+            layer.S.copy_(Sf)
+            layer.Vh.copy_(Vh[moved:])
+            layer.A.copy_(A)
+            layer.B.copy_(B)
+            if bias is not None:
+                layer.bias.copy_(bias.detach())
+        return layer
+
+    # ---- what it computes and stores ----------------------------------------------------------
+    def factors(self, dtype: torch.dtype | None = None, rows: slice | None = None):
+        """(U, S, Vh, A, B, bias) cast to ``dtype`` (differentiably; none copied when it matches),
+        U, B and bias restricted to output rows ``rows`` when given."""
+        cast = caster(dtype or self.U.dtype)
+        U, B, bias = self.U, self.B, self.bias
+        if rows is not None:
+            U, B = U[rows], B[rows]
+            bias = bias[rows] if bias is not None else None
+        return cast(U), cast(self.S), cast(self.Vh), cast(self.A), cast(B), cast(bias)
+
+    @torch.no_grad()
+    def merged_matrix(self, dtype: torch.dtype | None = None) -> Tensor:
+        """W = U diag(S) Vh + scale * B A as the (out_features, in_features) matrix, computed in
+        float32 (float64 for float64 layers) and rounded once to ``dtype`` (default: the layer's)."""
+        cd = torch.float64 if self.U.dtype == torch.float64 else torch.float32
+        W = torch.mm(self.U.to(cd) * self.S.to(cd), self.Vh.to(cd))
+        W.addmm_(self.B.to(cd), self.A.to(cd), alpha=self.scale)
+        return W.to(dtype or self.U.dtype)
+
+    def merged_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The dense module's weight (its own layout) that this layer computes; see merged_matrix."""
+        return self.merged_matrix(dtype)
+
+    def cersa_config(self) -> dict:
+        return {"type": type(self).__name__, **self.geometry(), "frozen_rank": self.frozen_rank, "rank": self.rank,
+                "delta_rank": self.delta_rank, "bias": self.bias is not None, "scale": self.scale,
+                "energy": self.energy, "init": self.init, "train_S": self.S.requires_grad,
+                "train_bias": bool(self.bias is not None and self.bias.requires_grad),
+                "in_features": self.in_features, "out_features": self.out_features}
+
+    @classmethod
+    def from_config(cls, cfg: dict, device=None, dtype=None, like: nn.Module | None = None) -> "CersaLayer":
+        names = cls._geometry_keys()
+        return cls._from_geometry({k: cfg[k] for k in names}, frozen_rank=cfg["frozen_rank"],
+                                  delta_rank=cfg["delta_rank"], bias=cfg["bias"], rank=cfg["rank"],
+                                  scale=cfg["scale"], energy=cfg["energy"], init=cfg["init"], train_S=cfg["train_S"],
+                                  train_bias=cfg["train_bias"], device=device, dtype=dtype)
+
+    @classmethod
+    def _geometry_keys(cls) -> tuple[str, ...]:
+        return ("in_features", "out_features")
+
+    def mismatch(self, dense: nn.Module) -> str:
+        why = super().mismatch(dense)
+        if why:
+            return why
+        bias_dense = type(self).dense_bias(dense) is not None
+        if self.checks_bias and bias_dense != (self.bias is not None):
+            return (f"the file's layer {'has' if self.bias is not None else 'has no'} bias, the model's "
+                    f"{type(dense).__name__} {'has' if bias_dense else 'has no'} bias")
+        return ""
+
+    #: whether load compares the bias flag with the dense module's (Conv1D always has a bias)
+    checks_bias: ClassVar[bool] = True
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"frozen_rank={self.frozen_rank}, delta_rank={self.delta_rank}, scale={self.scale:g}, "
+                f"energy={self.energy:.4f}, init={self.init!r}, bias={self.bias is not None}")
+
+
+def _fit_dtype(U: Tensor, S: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Rescale so that S fits ``dtype``: U <- U c, S <- S / c leaves U diag(S) unchanged.
+
+    Used only when the largest singular value would overflow a float16 layer (|S| > 65504).
+    """
+    if not S.numel():
+        return U, S
+    limit = torch.finfo(dtype).max / 4.0
+    smax = float(S.max())
+    if smax <= limit:
+        return U, S
+    c = smax / limit
+    return U * c, S / c
+
+
+def _principal_split(U: Tensor, S: Tensor, Vh: Tensor, k: int, init: str):
+    """Split truncated factors into (frozen U, S, Vh) and delta (A (k, n), B (m, k)) per ``init``
+    (docs/design.md "Inits").  Returns (moved, A, B) in U's dtype; frozen = factors[moved:]."""
+    m, r = U.shape
+    n = Vh.shape[1]
+    moved = min(k, r) if init == "principal" else 0
+    if moved:  # only components with a nonzero singular value are worth moving
+        moved = int((S[:moved] > 0).sum())
+    A = torch.empty(k, n, device=U.device, dtype=U.dtype)
+    B = torch.zeros(m, k, device=U.device, dtype=U.dtype)
+    if moved:
+        root = S[:moved].sqrt()
+        A[:moved] = root[:, None] * Vh[:moved]
+        B[:, :moved] = U[:, :moved] * root[None, :]
+    if moved < k:
+        nn.init.kaiming_uniform_(A[moved:], a=math.sqrt(5))
+    return moved, A, B
