@@ -1,4 +1,5 @@
-// Autograd of cersa::linear in C++ (DESIGN.md "Forward"/"Backward"; CERSA, arXiv 2605.08174, Sec. 3).
+// Autograd of cersa::linear in C++ (docs/design.md "Forward" and "Backward"; CERSA,
+// arXiv 2605.08174, Sec. 3).
 //
 //   cersa::linear(x, U, S, Vh, A?, B?, bias?, scale) -> y      y = x (U diag(S) Vh + s B A)^T + bias
 //

@@ -1,17 +1,20 @@
-// Shared argument checks of the cersa:: ops (CPU and CUDA implementations).
+// Shared pieces of the cersa:: ops (CPU and CUDA implementations): the argument checks, the
+// BLAS-ready operand copy and the GEMM through ATen.  The per-call plans built from them are in
+// cersa_plan.h.
 //
 // The ops are public (other CERSA front ends call torch.ops.cersa.* directly), so each
 // implementation validates its arguments and names the argument, the expected and the
-// received value in the error.  Shapes follow DESIGN.md "Notation":
+// received value in the error.  Shapes follow docs/design.md "Notation":
 //   x (N, n), U (m, r), S (r,), Vh (r, n), A (k, n), B (m, k), bias (m,), dy (N, m).
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
 #include <algorithm>
-#include <array>
 #include <sstream>
 #include <string>
 
@@ -95,38 +98,37 @@ inline at::Tensor blas_ready(const at::Tensor& t) {
   return (row_major || col_major) ? t : t.contiguous();
 }
 
-// Checks the inputs of linear_backward (CPU and CUDA alike) against the factors and the `needs`
-// flags (x, U, S, Vh, A, B, bias); sets m, r, n, k.  Errors name the argument, expected and got.
-inline void check_backward_inputs(const at::Tensor& dy, const std::optional<at::Tensor>& x,
-                                  const std::optional<at::Tensor>& h_k,
-                                  const std::optional<at::Tensor>& xv, const at::Tensor& U,
-                                  const at::Tensor& S, const at::Tensor& Vh,
-                                  const std::optional<at::Tensor>& A,
-                                  const std::optional<at::Tensor>& B, const std::array<bool, 7>& needs,
-                                  int64_t& m, int64_t& r, int64_t& n, int64_t& k) {
-  TORCH_CHECK(dy.defined() && dy.dim() == 2, "cersa: dy: expected a 2-D tensor (N, out_features)",
-              dy.defined() ? ", got shape " + shape_str(dy) : ", got None");
-  check_factors(dy, U, S, Vh, A, B, m, r, n, k);
-  check_size("dy", dy, 1, m, "out_features = U.size(0)");
-  const int64_t N = dy.size(0);
-  const bool has_delta = present(A);
-  if (needs[3] || (needs[4] && has_delta)) {
-    TORCH_CHECK(present(x), "cersa: x: expected the saved input (needed for dVh or dA), got None");
-    check_tensor("x", *x, 2, dy);
-    check_size("x", *x, 0, N, "N = dy.size(0)");
-    check_size("x", *x, 1, n, "in_features = Vh.size(1)");
+// The ATen operations that aten_gemm_into runs, through the dispatcher (the CUDA ops: cuBLAS /
+// cuBLASLt).  The CPU kernels pass their own set that calls ATen's CPU kernels directly.
+struct DispatchedGemm {
+  static void mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+    at::mm_out(out, a, b);
   }
-  if ((needs[1] || needs[2]) && r > 0) {
-    TORCH_CHECK(present(xv), "cersa: xv: expected the saved x Vh^T (needed for dU or dS), got None");
-    check_tensor("xv", *xv, 2, dy);
-    check_size("xv", *xv, 0, N, "N = dy.size(0)");
-    check_size("xv", *xv, 1, r, "rank = U.size(1)");
+  static void addmm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta,
+                    double alpha) {
+    at::addmm_out(out, out, a, b, beta, alpha);
   }
-  if (needs[5] && has_delta) {
-    TORCH_CHECK(present(h_k), "cersa: h_k: expected the saved s x A^T (needed for dB), got None");
-    check_tensor("h_k", *h_k, 2, dy);
-    check_size("h_k", *h_k, 0, N, "N = dy.size(0)");
-    check_size("h_k", *h_k, 1, k, "delta_rank = A.size(0)");
+  static void addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha) {
+    out.addmm_(a, b, 1.0, alpha);
+  }
+};
+
+// out = alpha a @ b (accumulate false) or out += alpha a @ b, through ATen (`Ops`: the three
+// operations above).  `out` may be a strided view of a larger buffer: the GEMM writes it in
+// place through its leading dimension.  An empty inner dimension makes the product zero.
+template <typename Ops = DispatchedGemm>
+void aten_gemm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha,
+                    bool accumulate) {
+  if (a.size(1) == 0) {
+    if (!accumulate) out.zero_();
+    return;
+  }
+  if (accumulate) {
+    Ops::addmm_(out, a, b, alpha);
+  } else if (alpha == 1.0) {
+    Ops::mm(out, a, b);
+  } else {
+    Ops::addmm(out, a, b, 0.0, alpha);  // beta = 0: out's old contents are not read
   }
 }
 

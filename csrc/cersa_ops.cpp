@@ -1,6 +1,6 @@
 // Op schemas of the `cersa` namespace and the Python module stub of cersa_kernels._C.
 //
-// The schemas are the public kernel API (DESIGN.md "Forward" / "Backward"); the autograd of
+// The schemas are the public kernel API (docs/design.md "Forward" / "Backward"); the autograd of
 // cersa::linear is in cersa_autograd.cpp, the CPU kernels are registered in cpu/cersa_cpu.cpp,
 // the CUDA ones in cuda/cersa_cuda_ops.cpp (a second extension,
 // cersa_kernels._C_cuda), and the fake (meta) kernels from Python in

@@ -1,4 +1,4 @@
-# C++/CUDA extension targets (issue 3); the Makefile includes mk/*.mk.
+# C++/CUDA extension targets; the Makefile includes mk/*.mk.
 #   make cuda-check  compile the raw CUDA kernels (csrc/cuda/*.cu, no torch headers) with nvcc -c
 #                    for sm_80 and sm_90
 #   make cuda-ext    build the whole CUDAExtension (cersa_kernels._C + _C_cuda) against a CUDA

@@ -1,4 +1,6 @@
-// CPU kernels of cersa::linear_forward and cersa::linear_backward (DESIGN.md "Forward"/"Backward").
+// CPU kernels of cersa::linear_forward and cersa::linear_backward (docs/design.md "Forward",
+// "Backward" and "C++ CPU kernels").  The argument checks, sizes and output allocations are the
+// plans of ../cersa_plan.h, shared with the CUDA ops; this file is the CPU schedule over them.
 //
 // GEMMs go to BLAS: fp32 / fp64 ones straight to the sgemm_ / dgemm_ that torch's CPU library
 // exports (see gemm_into), the rest through ATen's CPU kernels (at::cpu::mm_out / addmm_out /
@@ -39,22 +41,19 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <climits>
-#include <tuple>
 #include <type_traits>
 #include <vector>
 
-#include "../cersa_common.h"
+#include "../cersa_plan.h"
 
 namespace cersa {
 namespace {
 
 using at::Tensor;
-using std::optional;
 
 // From this many rows on, h and dh are stored column-major (see the header comment).
 constexpr int64_t kColumnMajorMinRows = 128;
@@ -184,6 +183,18 @@ inline bool fp32_gemm_is_ieee() {
   return p != at::Float32Precision::BF16 && p != at::Float32Precision::TF32;
 }
 
+// aten_gemm_into's operations on the CPU: ATen's CPU kernels, called without a trip through the
+// dispatcher.
+struct CpuGemm {
+  static void mm(Tensor& out, const Tensor& a, const Tensor& b) { at::cpu::mm_out(out, a, b); }
+  static void addmm(Tensor& out, const Tensor& a, const Tensor& b, double beta, double alpha) {
+    at::cpu::addmm_out(out, out, a, b, beta, alpha);
+  }
+  static void addmm_(Tensor& out, const Tensor& a, const Tensor& b, double alpha) {
+    at::cpu::addmm_(out, a, b, 1.0, alpha);
+  }
+};
+
 // out = a @ b (beta = 0) or out += a @ b, alpha folded into the GEMM.  `out` may be a strided
 // block of a buffer (row- or column-major): BLAS writes it in place through its leading
 // dimension.  fp32 / fp64 GEMMs call sgemm_ / dgemm_ directly (`direct`, decided once per op
@@ -205,15 +216,7 @@ void gemm_into(const Mat<T>& out, const Mat<const T>& a, const Mat<const T>& b, 
     if (direct && blas_gemm<double>(dgemm_, out, a, b, alpha, beta)) return;
   }
   Tensor o = out.tensor(opts);
-  const Tensor at_ = a.tensor(opts), bt = b.tensor(opts);
-  if (accumulate) {
-    at::cpu::addmm_(o, at_, bt, 1.0, alpha);
-  } else if (alpha == 1.0) {
-    at::cpu::mm_out(o, at_, bt);
-  } else {
-    // beta = 0: `out`'s old contents are not read (BLAS semantics, ATen's documented contract).
-    at::cpu::addmm_out(o, o, at_, bt, 0.0, alpha);
-  }
+  aten_gemm_into<CpuGemm>(o, a.tensor(opts), b.tensor(opts), alpha, accumulate);
 }
 
 // Whether this op call's fp32 / fp64 GEMMs may call BLAS directly (gemm_into).
@@ -267,24 +270,11 @@ void forward_epilogue(scalar_t* h, int64_t hs0, int64_t hs1, int64_t N, int64_t 
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor> linear_forward_cpu(const Tensor& x_in, const Tensor& U,
-                                                      const Tensor& S, const Tensor& Vh,
-                                                      const optional<Tensor>& A,
-                                                      const optional<Tensor>& B,
-                                                      const optional<Tensor>& bias, double scale,
-                                                      bool save_xv) {
-  const Tensor x = (x_in.defined() && x_in.dim() == 2) ? blas_ready(x_in) : x_in;
-  int64_t m, r, n, k;
-  TORCH_CHECK(x.defined() && x.dim() == 2, "cersa: x: expected a 2-D tensor (N, in_features)",
-              x.defined() ? ", got shape " + shape_str(x) : ", got None");
-  check_factors(x, U, S, Vh, A, B, m, r, n, k);
-  check_size("x", x, 1, n, "in_features = Vh.size(1)");
-  if (present(bias)) {
-    check_tensor("bias", *bias, 1, x);
-    check_size("bias", *bias, 0, m, "out_features = U.size(0)");
-  }
-  const int64_t N = x.size(0);
-  const auto opts = x.options();
+// The forward schedule over a checked plan (cersa_plan.h; y, h_k and xv allocated there).
+void forward_cpu(ForwardPlan& p) {
+  const int64_t N = p.N, m = p.m, r = p.r, k = p.k;
+  const auto& opts = p.opts;
+  const bool has_bias = p.has_bias;
 
   // h: the forward's one intermediate, (rows, r + k) for a block of rows, row- or column-major
   // (header comment), reused by every block.  Columns [0, r): x Vh^T, scaled in place by S in the
@@ -292,27 +282,20 @@ std::tuple<Tensor, Tensor, Tensor> linear_forward_cpu(const Tensor& x_in, const 
   const bool column_major = N >= kColumnMajorMinRows;
   const int64_t nb = block_rows(N);
   Tensor h = rows_buffer(nb, r + k, column_major, opts);
-  Tensor y = at::empty({N, m}, opts);                      // the output
-  Tensor xv = at::empty({N, save_xv ? r : 0}, opts);       // x Vh^T, saved for dS / dU
-  // h_k is returned as its own (N, k) tensor so that saving it for the backward does not keep
-  // the (rows, r + k) buffer alive (DESIGN.md: nothing of size (N, r) unless S trains).
-  Tensor h_k_out = at::empty({N, k}, opts);
-  Tensor Sc = S.contiguous();
-  Tensor bc = present(bias) ? bias->contiguous() : Tensor();
-  const bool has_bias = present(bias);
+  Tensor bc = has_bias ? p.bias->contiguous() : Tensor();
 
-  const bool direct = direct_blas(x.scalar_type());
+  const bool direct = direct_blas(p.x.scalar_type());
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cersa_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "cersa_fwd", [&] {
     using M = Mat<scalar_t>;
     using CM = Mat<const scalar_t>;
     auto gemm = [&](const M& out, const CM& a, const CM& b, double alpha, bool accumulate) {
       gemm_into<scalar_t>(out, a, b, alpha, accumulate, direct, opts);
     };
-    const CM X = CM::of(x), VhT = CM::of(Vh).t(), UT = CM::of(U).t();
-    const CM AT = k > 0 ? CM::of(*A).t() : CM{}, BT = k > 0 ? CM::of(*B).t() : CM{};
-    const M H = M::of(h), Y = M::of(y), HK = M::of(h_k_out);
-    const scalar_t* S_p = Sc.const_data_ptr<scalar_t>();
+    const CM X = CM::of(p.x), VhT = CM::of(p.Vh).t(), UT = CM::of(p.U).t();
+    const CM AT = k > 0 ? CM::of(*p.A).t() : CM{}, BT = k > 0 ? CM::of(*p.B).t() : CM{};
+    const M H = M::of(h), Y = M::of(p.y), HK = M::of(p.h_k);
+    const scalar_t* S_p = p.S.const_data_ptr<scalar_t>();
     const scalar_t* bias_p = has_bias ? bc.const_data_ptr<scalar_t>() : nullptr;
     for (int64_t i0 = 0; i0 < N; i0 += nb) {  // one block of rows: its x, h and y stay in cache
       const int64_t rows = std::min(nb, N - i0);
@@ -320,8 +303,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_forward_cpu(const Tensor& x_in, const 
       const M hb = H.row_block(0, rows), yb = Y.row_block(i0, rows);
       const M hb_r = hb.col_block(0, r), hb_k = hb.col_block(r, k);
       if (r > 0) gemm(hb_r, xb, VhT, 1.0, false);
-      if (k > 0) gemm(hb_k, xb, AT, scale, false);
-      scalar_t* xv_p = save_xv ? xv.data_ptr<scalar_t>() + i0 * r : nullptr;
+      if (k > 0) gemm(hb_k, xb, AT, p.scale, false);
+      scalar_t* xv_p = p.save_xv ? p.xv.data_ptr<scalar_t>() + i0 * r : nullptr;
       forward_epilogue<scalar_t>(hb.p, hb.s0, hb.s1, rows, r, S_p, xv_p, yb.p, bias_p, m);
       // y = bias + h_r U^T + h_k B^T: two GEMMs accumulating into the one output block.
       if (r > 0) gemm(yb, hb_r, UT, 1.0, has_bias);
@@ -333,7 +316,6 @@ std::tuple<Tensor, Tensor, Tensor> linear_forward_cpu(const Tensor& x_in, const 
       }
     }
   });
-  return {y, h_k_out, xv};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -446,55 +428,28 @@ void scale_columns(scalar_t* a, int64_t rows, int64_t cols, const scalar_t* S) {
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward_cpu(
-    const Tensor& dy_in, const optional<Tensor>& x_in, const optional<Tensor>& h_k,
-    const optional<Tensor>& xv, const Tensor& U, const Tensor& S, const Tensor& Vh,
-    const optional<Tensor>& A, const optional<Tensor>& B, double scale, std::array<bool, 7> needs) {
-  const Tensor dy = (dy_in.defined() && dy_in.dim() == 2) ? blas_ready(dy_in) : dy_in;
-  optional<Tensor> x = x_in;
-  if (present(x) && x->dim() == 2) x = blas_ready(*x);
-  int64_t m, r, n, k;
-  check_backward_inputs(dy, x, h_k, xv, U, S, Vh, A, B, needs, m, r, n, k);
-  const int64_t N = dy.size(0);
-  const bool has_delta = present(A);
-  const bool need_x = needs[0], need_U = needs[1], need_S = needs[2], need_Vh = needs[3];
-  const bool need_A = needs[4] && has_delta, need_B = needs[5] && has_delta, need_bias = needs[6];
-  const auto opts = dy.options();
-  // Gradients that are not computed come back as distinct (0,) tensors (outputs never alias).
-  auto none = [&] { return at::empty({0}, opts); };
+// The backward schedule over a checked plan (cersa_plan.h; the gradients allocated there).
+void backward_cpu(BackwardPlan& p) {
+  const Tensor& dy = p.dy;
+  const int64_t N = p.N, m = p.m, r = p.r, rr = p.rr, kk = p.kk;
+  const bool need_x = p.need_x, need_bias = p.need_bias, want_dS = p.want_dS;
+  const bool do_dU = p.do_dU, do_dVh = p.do_dVh, do_dA = p.do_dA, do_dB = p.do_dB;
+  const auto& opts = p.opts;
 
-  const bool need_dhr = r > 0 && (need_x || need_S || need_Vh);
-  const bool need_dhk = has_delta && k > 0 && (need_x || need_A);
-  const int64_t rr = need_dhr ? r : 0, kk = need_dhk ? k : 0;
   // dh: the backward's one intermediate, (rows, r + k) for a block of rows, row- or column-major
   // (header comment), reused by every block.  Columns [0, r): dy U, then (dy U) diag(S) after
   // the epilogue; columns [r, r + k): s dy B (s folded into the GEMM's alpha).
   const bool column_major = N >= kColumnMajorMinRows;
   const int64_t nb = block_rows(N);
-  Tensor dh = rows_buffer(nb, rr + kk, column_major, opts);
   // The weight gradients sum over all rows.  In fp32 / fp64 each block adds its share into them
   // (the GEMM's beta = 1), while its dy / x / dh are in cache; in 16-bit dtypes that would round
-  // the running sum to 16 bits once per block, so their GEMMs run once over all N rows instead.
+  // the running sum to 16 bits once per block, so their GEMMs run once over all N rows instead,
+  // and dh_r / dh_k are kept whole: one (N, r + k) buffer.
   const bool blocked_sums = dy.scalar_type() == at::kFloat || dy.scalar_type() == at::kDouble;
-  Tensor dx = need_x ? at::empty({N, n}, opts) : none();
-  // A weight gradient is a GEMM only when there are rows and an inner size; else it is zero.
-  const bool do_dU = need_U && r > 0 && N > 0, do_dVh = need_Vh && r > 0 && N > 0;
-  const bool do_dA = need_A && k > 0 && N > 0, do_dB = need_B && k > 0 && N > 0;
-  auto weight_grad = [&](bool need, bool gemm, at::IntArrayRef sizes) {
-    return !need ? none() : (gemm ? at::empty(sizes, opts) : at::zeros(sizes, opts));
-  };
-  Tensor dU = weight_grad(need_U, do_dU, {m, r}), dVh = weight_grad(need_Vh, do_dVh, {r, n});
-  Tensor dA = weight_grad(need_A, do_dA, {k, n}), dB = weight_grad(need_B, do_dB, {m, k});
-  // 16-bit dtypes without blocked sums keep dh_r / dh_k whole: one (N, r + k) buffer.
-  if (!blocked_sums && (do_dVh || do_dA) && nb < N) dh = rows_buffer(N, rr + kk, column_major, opts);
+  const bool whole_dh = !blocked_sums && (do_dVh || do_dA) && nb < N;
+  Tensor dh = rows_buffer(whole_dh ? N : nb, rr + kk, column_major, opts);
   const int64_t dh_rows = dh.size(0);
-
-  Tensor dS = need_S ? at::empty({r}, opts) : none();
-  Tensor dbias = need_bias ? at::empty({m}, opts) : none();
-  const bool scale_dh = rr > 0 && (need_x || need_Vh);
-  const bool want_dS = need_S && r > 0;
-  Tensor xvc = want_dS ? xv->contiguous() : Tensor();
-  Tensor Sc = S.contiguous();
+  const bool scale_dh = p.scale_dh;
 
   const bool direct = direct_blas(dy.scalar_type());
 
@@ -507,14 +462,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backwa
     };
     // Inputs are wrapped only where used: x, h_k and xv may be passed when not needed, in any
     // shape.
-    const CM DY = CM::of(dy), Um = CM::of(U), Vhm = CM::of(Vh);
-    const CM Am = has_delta ? CM::of(*A) : CM{}, Bm = has_delta ? CM::of(*B) : CM{};
-    const CM X = do_dVh || do_dA ? CM::of(*x) : CM{}, HK = do_dB ? CM::of(*h_k) : CM{};
-    const CM XV = do_dU ? CM::of(*xv) : CM{};
-    const M DH = M::of(dh), DX = need_x ? M::of(dx) : M{};
-    const M DU = do_dU ? M::of(dU) : M{}, DVh = do_dVh ? M::of(dVh) : M{};
-    const M DA = do_dA ? M::of(dA) : M{}, DB = do_dB ? M::of(dB) : M{};
-    const scalar_t* S_p = Sc.const_data_ptr<scalar_t>();
+    const CM DY = CM::of(dy), Um = CM::of(p.U), Vhm = CM::of(p.Vh);
+    const CM Am = p.has_delta ? CM::of(*p.A) : CM{}, Bm = p.has_delta ? CM::of(*p.B) : CM{};
+    const CM X = do_dVh || do_dA ? CM::of(*p.x) : CM{}, HK = do_dB ? CM::of(*p.h_k) : CM{};
+    const CM XV = do_dU ? CM::of(*p.xv) : CM{};
+    const M DH = M::of(dh), DX = need_x ? M::of(p.dx) : M{};
+    const M DU = do_dU ? M::of(p.dU) : M{}, DVh = do_dVh ? M::of(p.dVh) : M{};
+    const M DA = do_dA ? M::of(p.dA) : M{}, DB = do_dB ? M::of(p.dB) : M{};
+    const scalar_t* S_p = p.S.const_data_ptr<scalar_t>();
     // Weight-gradient GEMMs over rows [i0, i0 + rows): dU += dy^T xv (diag S applied at the
     // end), dVh += (dh_r diag S)^T x, dA += (s dh_k)^T x, dB += dy^T h_k.
     auto weight_grads = [&](int64_t i0, int64_t rows, const CM& dhb_r, const CM& dhb_k) {
@@ -533,8 +488,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backwa
       const M dhb = DH.row_block(d0, rows);
       const M dhb_r = dhb.col_block(0, rr), dhb_k = dhb.col_block(rr, kk);
       if (rr > 0) gemm(dhb_r, dyb, Um, 1.0, false);
-      if (kk > 0) gemm(dhb_k, dyb, Bm, scale, false);
-      const scalar_t* xvp = want_dS ? xvc.const_data_ptr<scalar_t>() + i0 * r : nullptr;
+      if (kk > 0) gemm(dhb_k, dyb, Bm, p.scale, false);
+      const scalar_t* xvp = want_dS ? p.xv_c.const_data_ptr<scalar_t>() + i0 * r : nullptr;
       // Row-major dh: dS, the scaling and dbias in one pass over the rows.  Column-major dh: dS
       // and the scaling column by column, then dbias in a row pass over the block of dy.
       backward_epilogue<scalar_t>(dhb.p, dhb.s0, rows, r, S_p, scale_dh && !column_major, xvp,
@@ -553,20 +508,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backwa
     }
     if (!blocked_sums && N > 0) weight_grads(0, N, DH.col_block(0, rr), DH.col_block(rr, kk));
     for (int64_t j = 0; j < static_cast<int64_t>(dS_acc.size()); ++j)
-      dS.data_ptr<scalar_t>()[j] = static_cast<scalar_t>(dS_acc[j]);
+      p.dS.data_ptr<scalar_t>()[j] = static_cast<scalar_t>(dS_acc[j]);
     for (int64_t j = 0; j < static_cast<int64_t>(db_acc.size()); ++j)
-      dbias.data_ptr<scalar_t>()[j] = static_cast<scalar_t>(db_acc[j]);
+      p.dbias.data_ptr<scalar_t>()[j] = static_cast<scalar_t>(db_acc[j]);
     if (do_dU)  // dU = (dy^T xv) diag S
       scale_columns<scalar_t>(DU.p, m, r, S_p);
   });
-  return {dx, dU, dS, dVh, dA, dB, dbias};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cersa, CPU, m) {
-  m.impl("linear_forward", &linear_forward_cpu);
-  m.impl("linear_backward", &linear_backward_cpu);
+  m.impl("linear_forward", &forward_op<forward_cpu>);
+  m.impl("linear_backward", &backward_op<backward_cpu>);
 }
 
 }  // namespace cersa

@@ -15,7 +15,7 @@ namespace cersa_cuda {
 
 enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
 
-// Forward epilogue (DESIGN.md "Forward"), over the rows i < N of h (N, r) with leading dim ldh:
+// Forward epilogue (docs/design.md "Forward"), over the rows i < N of h (N, r), leading dim ldh:
 //   if xv: xv[i, j] = h[i, j]            (x Vh^T saved for dS / dU)
 //   h[i, j] *= S[j]                      (h_r = (x Vh^T) diag S)
 cudaError_t forward_epilogue(DType dtype, void* h, int64_t ldh, int64_t N, int64_t r,
@@ -24,7 +24,7 @@ cudaError_t forward_epilogue(DType dtype, void* h, int64_t ldh, int64_t N, int64
 // Bytes of scratch that backward_epilogue needs (0 when N == 0 or r + m == 0).
 size_t backward_workspace_bytes(DType dtype, int64_t N, int64_t r, int64_t m);
 
-// Backward epilogue (DESIGN.md "Backward"), one pass over the rows of dh and dy:
+// Backward epilogue (docs/design.md "Backward"), one pass over the rows of dh and dy:
 //   if dS:     dS[j]    = sum_i xv[i, j] * dh[i, j]   (j < r, before the scaling below)
 //   if scale:  dh[i, j] *= S[j]                        (dh_r diag S, for dx and dVh)
 //   if dbias:  dbias[c] = sum_i dy[i * dy_s0 + c * dy_s1]  (c < m; dy may have any strides)
