@@ -12,7 +12,7 @@ new backend is one row plus its module.
 
 Every backend module exposes the same three functions.  They work on 2-D tensors only;
 ``cersa_kernels.ops`` flattens leading dimensions, checks arguments, handles autocast, and wraps
-them in one ``torch.autograd.Function`` (docs/design.md "Backend contract").
+them in one ``torch.autograd.Function`` (docs/design.md "Op catalogue").
 
 ``is_available(device_type: str) -> tuple[bool, str]``
     Whether the backend can run on tensors of this device type ("cpu", "cuda"),

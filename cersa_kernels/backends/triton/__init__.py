@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .. import _catalogue
 from . import kernels as _k
 from .kernels import INTERPRETED  # noqa: F401  (re-exported)
 
@@ -181,10 +182,8 @@ def _backward_impl(dy, x, h_k, xv, U, S, Vh, A, B, scale, needs, *, launch: Laun
     launch: see :func:`_launcher` (default: run them)."""
     emit = _launcher(dy, launch)
     tf32 = tf32_enabled()
-    need_x, need_U, need_S, need_Vh, need_A, need_B, need_bias = needs
     has_delta = A is not None
-    need_A = need_A and has_delta
-    need_B = need_B and has_delta
+    need_x, need_U, need_S, need_Vh, need_A, need_B, need_bias = _catalogue.effective_needs(needs, has_delta)
     if (need_U or need_S) and xv is None:
         raise ValueError("cersa_linear(backend='triton') backward: the gradient of U or S needs xv = x Vh^T, "
                          "but forward was run with save_xv=False")
@@ -270,12 +269,7 @@ def _forward_op(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None, B
     return _forward_impl(x, U, S, Vh, A, B, bias, scale, save_xv)
 
 
-@_forward_op.register_fake
-def _forward_fake(x, U, S, Vh, A, B, bias, scale, save_xv):
-    N = x.shape[0]
-    m, r = U.shape
-    k = A.shape[0] if A is not None else 0
-    return (x.new_empty((N, m)), x.new_empty((N, k)), x.new_empty((N, r if save_xv else 0)))
+_forward_op.register_fake(_catalogue.forward_fake)
 
 
 @torch.library.custom_op("cersa_kernels::triton_backward", mutates_args=())
@@ -286,45 +280,10 @@ def _backward_op(dy: Tensor, x: Tensor | None, h_k: Tensor | None, xv: Tensor | 
     return _backward_impl(dy, x, h_k, xv, U, S, Vh, A, B, scale, tuple(needs))
 
 
-@_backward_op.register_fake
-def _backward_fake(dy, x, h_k, xv, U, S, Vh, A, B, scale, needs):
-    need_x, need_U, need_S, need_Vh, need_A, need_B, need_bias = needs
-    has_delta = A is not None
-    def e():
-        return dy.new_empty((0,))
-    return (dy.new_empty((dy.shape[0], Vh.shape[1])) if need_x else e(),
-            U.new_empty(U.shape) if need_U else e(),
-            S.new_empty(S.shape) if need_S else e(),
-            Vh.new_empty(Vh.shape) if need_Vh else e(),
-            A.new_empty(A.shape) if (need_A and has_delta) else e(),
-            B.new_empty(B.shape) if (need_B and has_delta) else e(),
-            dy.new_empty((dy.shape[1],)) if need_bias else e())
+_backward_op.register_fake(_catalogue.backward_fake)
 
-
-# ---------------------------------------------------------------------------------------------
-# backend contract
-# ---------------------------------------------------------------------------------------------
-
-def forward(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None, B: Tensor | None,
-            bias: Tensor | None, scale: float, save_xv: bool):
-    """Backend contract forward (see :mod:`cersa_kernels.backends`): returns (y, h_k | None, xv | None).
-
-    x (N, n), U (m, r), S (r,), Vh (r, n), A (k, n) | None, B (m, k) | None, bias (m,) | None, any
-    strides, one dtype in {fp16, bf16, fp32, fp64}, one device.  Two kernel launches, none when N = 0.
-    Raises RuntimeError when the backend cannot run on x's device, TypeError for other dtypes."""
-    y, h_k, xv = torch.ops.cersa_kernels.triton_forward(x, U, S, Vh, A, B, bias, float(scale), bool(save_xv))
-    return y, (h_k if A is not None else None), (xv if save_xv else None)
-
-
-def backward(dy: Tensor, x: Tensor | None, h_k: Tensor | None, xv: Tensor | None, U: Tensor, S: Tensor,
-             Vh: Tensor, A: Tensor | None, B: Tensor | None, scale: float, needs):
-    """Backend contract backward (see :mod:`cersa_kernels.backends`): returns the 7-tuple
-    (dx, dU, dS, dVh, dA, dB, dbias) with None where not needed.  At most four kernel launches.
-    Raises ValueError when dU or dS is needed but xv was not saved."""
-    needs = [bool(v) for v in needs]
-    if len(needs) != 7:
-        raise ValueError(f"backward: needs must have 7 entries (x, U, S, Vh, A, B, bias), got {len(needs)}")
-    outs = torch.ops.cersa_kernels.triton_backward(dy, x, h_k, xv, U, S, Vh, A, B, float(scale), needs)
-    has = [needs[0], needs[1], needs[2], needs[3], needs[4] and A is not None, needs[5] and A is not None,
-           needs[6]]
-    return tuple(o if h else None for o, h in zip(outs, has))
+# the backend contract (docs/design.md "Op catalogue"): at most two launches forward, four
+# backward; RuntimeError when the backend cannot run on x's device, TypeError for other dtypes,
+# ValueError when dU or dS is needed but xv was not saved.
+forward, backward = _catalogue.kernel_contract(torch.ops.cersa_kernels.triton_forward,
+                                               torch.ops.cersa_kernels.triton_backward)
