@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from .backends import check_backend_name
 from .decompose import check_energy, check_svd
+from .quant import check_block_size, check_quantize
 
 __all__ = ["CersaConfig", "INITS"]
 
@@ -51,6 +52,11 @@ class CersaConfig:
       init: "principal" or "lora" (INITS).
       train_S, train_bias: make S / the bias trainable too.
       backend: None (automatic) or a backend name of ``cersa_kernels.backends.BACKENDS``.
+    Factor storage:
+      quantize: None (U and Vh in the layer's dtype), "int8" or "nf4" (blockwise codes with absmax
+        scales; S, the delta and the bias stay in their dtype).  docs/design.md "Quantized factors".
+      quant_block_size: numbers per absmax block, a power of two >= 2 (default 64).
+      double_quant: quantize the block scales again (int8 in blocks of 256; nf4: 4.13 bits per number).
     Raises TypeError / ValueError naming the field, the expected and the received value.
     """
 
@@ -67,6 +73,9 @@ class CersaConfig:
     train_S: bool = False
     train_bias: bool = False
     backend: str | None = None
+    quantize: str | None = None
+    quant_block_size: int = 64
+    double_quant: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -108,6 +117,9 @@ class CersaConfig:
                              f"with delta_rank={self.delta_rank}, i.e. scale {self.alpha / self.delta_rank}; "
                              f"use init='lora' or alpha=None")
         check_backend_name(self.backend)
+        check_quantize(self.quantize)
+        check_block_size(self.quant_block_size)
+        set_("double_quant", bool(self.double_quant))
         set_("train_S", bool(self.train_S))
         set_("train_bias", bool(self.train_bias))
 

@@ -122,7 +122,7 @@ def convert(model: nn.Module, energy: float | None = 0.93, *, rank: int | None =
                 rec.status = "dense"
                 rec.reason = (f"no saving: rank {new.rank} stores r(m+n+1) = {trunc:,} >= "
                               f"{config.max_frozen_ratio:g} x {rec.params_before:,}")
-                rec.params_after = 0
+                rec.params_after = rec.frozen_bytes = 0
                 report.layers.append(rec)
                 continue
             report.layers.append(rec)

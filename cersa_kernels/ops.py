@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .backends import has_own_autograd, load_backend, resolve_backend
 from .backends._catalogue import effective_needs
+from .quant import QuantizedMatrix, dequantize
 
 __all__ = ["cersa_linear", "resolve_backend"]
 
@@ -85,7 +86,56 @@ class _SecondDerivativeRefused(torch.autograd.Function):
                            "once_differentiable (double backward is not supported)")
 
 
+class _QuantizedFactorsFunction(torch.autograd.Function):
+    """cersa_linear with U and / or Vh stored quantized (docs/design.md "Quantized factors"): each is
+    dequantized for the call, in forward and again in backward, and never saved, so no dense factor
+    outlives the call; quantized factors are frozen (no dU / dVh).  ``u_spec`` / ``vh_spec``: None for a
+    dense factor, else (shape, quant_type, block_size) of its codes and float32 block scales."""
+
+    @staticmethod
+    def forward(ctx, backend, scale, u_spec, vh_spec, x, U, u_codes, u_scales, S, Vh, vh_codes, vh_scales, A, B,
+                bias):
+        need = ctx.needs_input_grad
+        has_delta = A is not None
+        needs = effective_needs((need[4], need[5], need[8], need[9], need[12], need[13],
+                                 need[14] and bias is not None), has_delta)
+        Ud = U if u_spec is None else dequantize(u_codes, u_scales, *u_spec, x.dtype)
+        Vhd = Vh if vh_spec is None else dequantize(vh_codes, vh_scales, *vh_spec, x.dtype)
+        y, h_k, xv = load_backend(backend).forward(x, Ud, S, Vhd, A, B, bias, scale, needs[1] or needs[2])
+        ctx.backend, ctx.scale, ctx.specs, ctx.needs = backend, scale, (u_spec, vh_spec), needs
+        ctx.save_for_backward(x if (needs[3] or needs[4]) else None, h_k if needs[5] else None, xv, U, u_codes,
+                              u_scales, S, Vh, vh_codes, vh_scales, A, B)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, h_k, xv, U, u_codes, u_scales, S, Vh, vh_codes, vh_scales, A, B = ctx.saved_tensors
+        u_spec, vh_spec = ctx.specs
+        if not any(ctx.needs):
+            return (None,) * 15
+        Ud = U if u_spec is None else dequantize(u_codes, u_scales, *u_spec, dy.dtype)
+        Vhd = Vh if vh_spec is None else dequantize(vh_codes, vh_scales, *vh_spec, dy.dtype)
+        dx, dU, dS, dVh, dA, dB, dbias = load_backend(ctx.backend).backward(dy, x, h_k, xv, Ud, S, Vhd, A, B,
+                                                                            ctx.scale, ctx.needs)
+        return (None, None, None, None, dx, dU, None, None, dS, dVh, None, None, dA, dB, dbias)
+
+
+def _apply_quantized(name: str, scale: float, x, U, S, Vh, A, B, bias):
+    def parts(F):
+        if isinstance(F, QuantizedMatrix):
+            return (F.shape, F.quant_type, F.block_size), None, F.codes, F.scales()
+        return None, F, None, None
+
+    u_spec, Ut, u_codes, u_scales = parts(U)
+    vh_spec, Vht, vh_codes, vh_scales = parts(Vh)
+    return _QuantizedFactorsFunction.apply(name, scale, u_spec, vh_spec, x, Ut, u_codes, u_scales, S, Vht, vh_codes,
+                                           vh_scales, A, B, bias)
+
+
 def _apply(name: str, scale: float, x, U, S, Vh, A, B, bias):
+    if isinstance(U, QuantizedMatrix) or isinstance(Vh, QuantizedMatrix):
+        return _apply_quantized(name, scale, x, U, S, Vh, A, B, bias)
     if has_own_autograd(name):
         return load_backend(name).linear(x, U, S, Vh, A, B, bias, scale)
     return _CersaLinearFunction.apply(name, scale, x, U, S, Vh, A, B, bias)
@@ -97,6 +147,9 @@ def cersa_linear(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None =
     """y = x (U diag(S) Vh + scale * B A)^T + bias, without forming the (m, n) weight.
 
     Shapes: x (..., n); U (m, r); S (r,); Vh (r, n); A (k, n); B (m, k); bias (m,) -> y (..., m).
+    U and Vh may also be ``cersa_kernels.quant.QuantizedMatrix`` (int8 / NF4 codes with block
+    scales, frozen): they are then dequantized to the compute dtype inside the call, in forward and
+    again in backward, never saved (docs/design.md "Quantized factors").
     r, k and the leading dimensions of x may be 0.  A and B are given together or not at all.
     dtypes: all tensors share x's floating dtype (float32, float16, bfloat16, float64).  Under
     torch.autocast for x's device, every tensor is cast to the autocast dtype first (the casts are
@@ -116,9 +169,11 @@ def cersa_linear(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None =
     _check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x: expected at least 1 dimension (..., in_features), got a 0-D tensor")
-    _check_tensor("U", U, 2)
+    if not isinstance(U, QuantizedMatrix):
+        _check_tensor("U", U, 2)
     _check_tensor("S", S, 1)
-    _check_tensor("Vh", Vh, 2)
+    if not isinstance(Vh, QuantizedMatrix):
+        _check_tensor("Vh", Vh, 2)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale: expected a finite real number, got {type(scale).__name__} {scale!r}")
     # A comparison, not math.isfinite: under torch.compile(dynamic=True) a module's float
@@ -156,13 +211,13 @@ def cersa_linear(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None =
     autocast = dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)
     if autocast:
         dtype = torch.get_autocast_dtype(dev)
-        x, U, S, Vh = (t.to(dtype) for t in (x, U, S, Vh))
+        x, U, S, Vh = (t if isinstance(t, QuantizedMatrix) else t.to(dtype) for t in (x, U, S, Vh))
         A = A.to(dtype) if A is not None else None
         B = B.to(dtype) if B is not None else None
         bias = bias.to(dtype) if bias is not None else None
     else:
         for name, t in named.items():
-            if t.dtype != x.dtype:
+            if t.dtype != x.dtype and not isinstance(t, QuantizedMatrix):  # codes dequantize to x's dtype
                 raise TypeError(f"{name}: expected dtype {x.dtype} (x's dtype), got {t.dtype}; "
                                 f"cast the tensors or run under torch.autocast")
     name = resolve_backend(backend, dev)

@@ -34,6 +34,10 @@ class LayerRecord:
     energy: float | None = None
     params_before: int = 0
     params_after: int = 0
+    #: bytes of the dense weight (m n in the layer's dtype) and of the stored frozen factors U, S, Vh
+    #: (codes and scales when quantized); 0 where not converted.
+    dense_bytes: int = 0
+    frozen_bytes: int = 0
 
 
 @dataclass
@@ -82,6 +86,10 @@ class ConversionReport:
         lines.append(f"converted {len(self.converted)} of {len(self.layers)} layers"
                      + (f" at energy {self.energy}" if self.energy is not None else "")
                      + f"; weight numbers {b:,} -> {a:,}" + (f" ({a / b:.3f}x)" if b else ""))
+        db, fb = sum(l.dense_bytes for l in self.converted), sum(l.frozen_bytes for l in self.converted)
+        if db:
+            lines.append(f"frozen factor bytes of the converted layers: {fb / 2**20:.3f} MiB vs dense "
+                         f"{db / 2**20:.3f} MiB ({fb / db:.3f}x)")
         pol = self.policy
         if pol.get("budget") is not None and "budget_mean_energy" in pol:
             lines.append(
@@ -133,7 +141,9 @@ def record_of(name: str, module: nn.Module, status: str = "converted", reason: s
     """The report row of CERSA module ``module`` (a registered layer type) under ``name``; kind:
     the report's type column (default: the dense kind the module replaces)."""
     after = module.stored_numbers()[1] if status == "converted" else 0
-    return LayerRecord(name, kind or module.kind, module.out_features, module.in_features, status, reason, rank=module.rank, frozen_rank=module.frozen_rank,
+    dense_bytes = module.dense_numbers() * module.parts()[0].S.element_size()
+    return LayerRecord(name, kind or module.kind, module.out_features, module.in_features, status, reason,
+                       dense_bytes=dense_bytes, frozen_bytes=module.frozen_nbytes() if status == "converted" else 0, rank=module.rank, frozen_rank=module.frozen_rank,
                        delta_rank=module.delta_rank, energy=module.energy, params_before=module.dense_numbers(),
                        params_after=after)
 

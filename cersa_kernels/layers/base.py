@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..config import CersaConfig
 from ..decompose import check_rank, truncated_svd
+from ..quant import QuantizedMatrix
 
 __all__ = ["CersaModule", "CersaLayer", "compute_dtype"]
 
@@ -121,6 +122,11 @@ class CersaModule(nn.Module):
         """m n summed over the matrices the module stands for."""
         return sum(p.out_features * p.in_features for p in self.parts())
 
+    def frozen_nbytes(self) -> int:
+        """Bytes of the stored frozen factors U, S, Vh of every part (codes and scales when quantized)."""
+        nbytes = lambda F: F.nbytes() if isinstance(F, QuantizedMatrix) else F.numel() * F.element_size()  # noqa: E731
+        return sum(nbytes(p.U) + nbytes(p.S) + nbytes(p.Vh) for p in self.parts())
+
     def mismatch(self, dense: nn.Module) -> str:
         """"" when this module (rebuilt from a file) fits ``dense``, the module it replaces, else the
         difference in words."""
@@ -148,7 +154,9 @@ class CersaLayer(CersaModule):
       A (delta_rank, in_features), B (out_features, delta_rank): the trainable delta
         (lora_A / lora_B in PEFT's terms);
       bias (out_features,) or None (trainable only with train_bias=True).
-    Attributes: in_features, out_features; rank = r, the number of singular components of W the
+      With quantize="int8" / "nf4", U and Vh are ``QuantizedMatrix`` modules (blockwise codes and
+      scales, frozen; docs/design.md "Quantized factors") instead of Parameters.
+    Attributes: in_features, out_features; quantize (None or the code type); rank = r, the number of singular components of W the
       layer represents at init (frozen_rank + the components moved into the delta by "principal");
       frozen_rank = U.shape[1]; delta_rank = k; scale = s; energy = retained fraction
       sum_{i<=r} sigma_i^2 / ||W||_F^2 (NaN when unknown); init; backend (None = automatic).
@@ -157,10 +165,12 @@ class CersaLayer(CersaModule):
     def __init__(self, out_features: int, in_features: int, frozen_rank: int, delta_rank: int = 16, *,
                  bias: bool = True, rank: int | None = None, scale: float = 1.0, energy: float = float("nan"),
                  init: str = "principal", train_S: bool = False, train_bias: bool = False,
-                 backend: str | None = None, device=None, dtype=None) -> None:
+                 backend: str | None = None, quantize: str | None = None, quant_block_size: int = 64,
+                 double_quant: bool = False, device=None, dtype=None) -> None:
         super().__init__()
-        # the delta options are checked by CersaConfig, the one place that knows them
-        CersaConfig(energy=None, rank=0, delta_rank=delta_rank, init=init, backend=backend)
+        # the delta and storage options are checked by CersaConfig, the one place that knows them
+        CersaConfig(energy=None, rank=0, delta_rank=delta_rank, init=init, backend=backend, quantize=quantize,
+                    quant_block_size=quant_block_size, double_quant=double_quant)
         check_rank(frozen_rank, min(in_features, out_features), name="frozen_rank")
         m, n = int(out_features), int(in_features)
         self.in_features, self.out_features = n, m
@@ -171,9 +181,17 @@ class CersaLayer(CersaModule):
         self.init = init
         self.backend = backend
         kw = {"device": device, "dtype": dtype}
-        self.U = nn.Parameter(torch.empty(m, frozen_rank, **kw), requires_grad=False)
+        if quantize is None:
+            self.U = nn.Parameter(torch.empty(m, frozen_rank, **kw), requires_grad=False)
+        else:
+            self.U = QuantizedMatrix(m, frozen_rank, quantize, quant_block_size, double_quant,
+                                     dtype=dtype or torch.get_default_dtype(), device=device)
         self.S = nn.Parameter(torch.empty(frozen_rank, **kw), requires_grad=bool(train_S))
-        self.Vh = nn.Parameter(torch.empty(frozen_rank, n, **kw), requires_grad=False)
+        if quantize is None:
+            self.Vh = nn.Parameter(torch.empty(frozen_rank, n, **kw), requires_grad=False)
+        else:
+            self.Vh = QuantizedMatrix(frozen_rank, n, quantize, quant_block_size, double_quant,
+                                      dtype=dtype or torch.get_default_dtype(), device=device)
         self.A = nn.Parameter(torch.empty(delta_rank, n, **kw))
         self.B = nn.Parameter(torch.empty(m, delta_rank, **kw))
         if bias:
@@ -262,6 +280,12 @@ class CersaLayer(CersaModule):
             layer.U.copy_(Uf)
             layer.S.copy_(Sf)
             layer.Vh.copy_(Vh[moved:])
+            if config.quantize is not None:  # the frozen factors as codes; A, B, S, bias stay as they are
+                opts = (config.quantize, config.quant_block_size, config.double_quant)
+                for name in ("U", "Vh"):
+                    packed = QuantizedMatrix.quantize(getattr(layer, name).detach(), *opts)
+                    del layer._parameters[name]
+                    setattr(layer, name, packed)
             layer.A.copy_(A)
             layer.B.copy_(B)
             if bias is not None:
@@ -269,24 +293,53 @@ class CersaLayer(CersaModule):
         return layer
 
     # ---- what it computes and stores ----------------------------------------------------------
-    def factors(self, dtype: torch.dtype | None = None, rows: slice | None = None):
+    @property
+    def quantize(self) -> str | None:
+        """None, or the code type ("int8" / "nf4") of the quantized frozen factors U and Vh."""
+        return self.U.quant_type if isinstance(self.U, QuantizedMatrix) else None
+
+    def storage_config(self) -> dict:
+        """The factor-storage options (quantize, quant_block_size, double_quant) of this layer."""
+        if not isinstance(self.U, QuantizedMatrix):
+            return {"quantize": None}
+        return {"quantize": self.U.quant_type, "quant_block_size": self.U.block_size,
+                "double_quant": self.U.double_quant}
+
+    @torch.no_grad()
+    def dequantized_factors(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(U (m, frozen_rank), S (frozen_rank,), Vh (frozen_rank, n)) as dense floating tensors in
+        ``dtype`` (default float32, float64 for float64 layers): what the kernels compute with (the
+        codes decoded when quantized, the stored tensors otherwise)."""
+        dtype = dtype or (torch.float64 if self.S.dtype == torch.float64 else torch.float32)
+        dense = lambda F: F.dequantize(dtype) if isinstance(F, QuantizedMatrix) else F.detach().to(dtype)  # noqa: E731
+        return dense(self.U), self.S.detach().to(dtype), dense(self.Vh)
+
+    def factors(self, dtype: torch.dtype | None = None, rows: slice | None = None, dense: bool = False):
         """(U, S, Vh, A, B, bias) cast to ``dtype`` (differentiably; none copied when it matches),
-        U, B and bias restricted to output rows ``rows`` when given."""
-        cast = caster(dtype or self.U.dtype)
+        U, B and bias restricted to output rows ``rows`` when given.  Quantized U / Vh come back as
+        their QuantizedMatrix (``cersa_linear`` decodes them inside the call), or dequantized with
+        ``dense=True`` or ``rows``."""
+        cast = caster(dtype or self.S.dtype)
         U, B, bias = self.U, self.B, self.bias
+        Vh = self.Vh
+        if isinstance(U, QuantizedMatrix) and (dense or rows is not None):
+            U = U.dequantize(dtype or self.S.dtype)
+        if isinstance(Vh, QuantizedMatrix) and dense:
+            Vh = Vh.dequantize(dtype or self.S.dtype)
         if rows is not None:
             U, B = U[rows], B[rows]
             bias = bias[rows] if bias is not None else None
-        return cast(U), cast(self.S), cast(self.Vh), cast(self.A), cast(B), cast(bias)
+        keep = lambda F: F if isinstance(F, QuantizedMatrix) else cast(F)  # noqa: E731
+        return keep(U), cast(self.S), keep(Vh), cast(self.A), cast(B), cast(bias)
 
     @torch.no_grad()
     def merged_matrix(self, dtype: torch.dtype | None = None) -> Tensor:
         """W = U diag(S) Vh + scale * B A as the (out_features, in_features) matrix, computed in
         float32 (float64 for float64 layers) and rounded once to ``dtype`` (default: the layer's)."""
-        cd = torch.float64 if self.U.dtype == torch.float64 else torch.float32
-        W = torch.mm(self.U.to(cd) * self.S.to(cd), self.Vh.to(cd))
-        W.addmm_(self.B.to(cd), self.A.to(cd), alpha=self.scale)
-        return W.to(dtype or self.U.dtype)
+        U, S, Vh = self.dequantized_factors()
+        W = torch.mm(U * S, Vh)
+        W.addmm_(self.B.to(U.dtype), self.A.to(U.dtype), alpha=self.scale)
+        return W.to(dtype or self.S.dtype)
 
     def merged_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """The dense module's weight (its own layout) that this layer computes; see merged_matrix."""
@@ -297,7 +350,7 @@ class CersaLayer(CersaModule):
                 "delta_rank": self.delta_rank, "bias": self.bias is not None, "scale": self.scale,
                 "energy": self.energy, "init": self.init, "train_S": self.S.requires_grad,
                 "train_bias": bool(self.bias is not None and self.bias.requires_grad),
-                "in_features": self.in_features, "out_features": self.out_features}
+                "in_features": self.in_features, "out_features": self.out_features, **self.storage_config()}
 
     @classmethod
     def from_config(cls, cfg: dict, device=None, dtype=None, like: nn.Module | None = None) -> "CersaLayer":
@@ -305,7 +358,9 @@ class CersaLayer(CersaModule):
         return cls._from_geometry({k: cfg[k] for k in names}, frozen_rank=cfg["frozen_rank"],
                                   delta_rank=cfg["delta_rank"], bias=cfg["bias"], rank=cfg["rank"],
                                   scale=cfg["scale"], energy=cfg["energy"], init=cfg["init"], train_S=cfg["train_S"],
-                                  train_bias=cfg["train_bias"], device=device, dtype=dtype)
+                                  train_bias=cfg["train_bias"], quantize=cfg.get("quantize"),
+                                  quant_block_size=cfg.get("quant_block_size", 64),
+                                  double_quant=cfg.get("double_quant", False), device=device, dtype=dtype)
 
     @classmethod
     def _geometry_keys(cls) -> tuple[str, ...]:
@@ -327,7 +382,8 @@ class CersaLayer(CersaModule):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"frozen_rank={self.frozen_rank}, delta_rank={self.delta_rank}, scale={self.scale:g}, "
-                f"energy={self.energy:.4f}, init={self.init!r}, bias={self.bias is not None}")
+                f"energy={self.energy:.4f}, init={self.init!r}, bias={self.bias is not None}"
+                + (f", quantize={self.quantize!r}" if self.quantize else ""))
 
 
 def _fit_dtype(U: Tensor, S: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

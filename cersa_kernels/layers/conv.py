@@ -96,7 +96,7 @@ class CersaConvNd(CersaLayer):
         """x (N, in, *spatial) or (in, *spatial) -> (N, out, *spatial'), spatial' as the original
         convolution."""
         dtype = compute_dtype(x)
-        U, S, Vh, A, B, bias = self.factors(dtype)
+        U, S, Vh, A, B, bias = self.factors(dtype, dense=True)
         r, k = self.frozen_rank, self.delta_rank
         conv = _CONV[self.dims]
         down = torch.cat([Vh, A], 0).view(r + k, self.in_channels, *self.kernel_size)
