@@ -3,7 +3,7 @@
 ``cersa_kernels.convert(model, energy=0.93, ...)`` and ``plan`` build one from their keywords; the
 layer builders (``CersaLinear.from_linear`` and the other ``from_*``) take one or the same keywords.
 A new conversion option is one field here (with its check in ``__post_init__``); every builder
-receives it through the object.  The math of each option: docs/design.md "Rank policy" and "Inits".
+receives it through the object.  The math of each option: docs/design.md "Rank policies" and "Initialisation".
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from .quant import check_block_size, check_quantize
 __all__ = ["CersaConfig", "INITS"]
 
 #: values of ``init``: "principal" (the top min(k, r) retained components start in the delta, as
-#: PiSSA) and "lora" (A Kaiming-uniform, B zero).  docs/design.md "Inits".
+#: PiSSA) and "lora" (A Kaiming-uniform, B zero).  docs/design.md "Initialisation".
 INITS = ("principal", "lora")
 
 

@@ -7,7 +7,7 @@ kernels registered, by ``cersa_kernels.backends._cpp_ops``; signatures in
 (dx, dU, dS, dVh, dA, dB, dbias) with None where not needed, plus the differentiable ``linear``
 whose autograd is C++ (csrc/cersa_autograd.cpp).
 
-Math: docs/design.md "Forward" / "Backward"; schedules: docs/design.md "CPU kernels" and
+Math: docs/design.md "Forward" / "Backward"; schedules: docs/design.md "C++ CPU kernels" and
 "CUDA kernels".
 """
 from __future__ import annotations

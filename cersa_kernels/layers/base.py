@@ -259,7 +259,7 @@ class CersaLayer(CersaModule):
         init, train_S, train_bias, backend); scale overrides alpha / delta_rank.  Tensors are stored
         in ``dtype`` (default: U's dtype), rounded once.  geometry: the subclass's non-factor
         constructor arguments (default: in_features = n, out_features = m).  Inits: docs/design.md
-        "Inits"."""
+        "Initialisation"."""
         if config is None:
             options.setdefault("energy", None)
             options.setdefault("rank", 0)
@@ -403,7 +403,7 @@ def _fit_dtype(U: Tensor, S: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor
 
 def _principal_split(U: Tensor, S: Tensor, Vh: Tensor, k: int, init: str):
     """Split truncated factors into (frozen U, S, Vh) and delta (A (k, n), B (m, k)) per ``init``
-    (docs/design.md "Inits").  Returns (moved, A, B) in U's dtype; frozen = factors[moved:]."""
+    (docs/design.md "Initialisation").  Returns (moved, A, B) in U's dtype; frozen = factors[moved:]."""
     m, r = U.shape
     n = Vh.shape[1]
     moved = min(k, r) if init == "principal" else 0
