@@ -146,16 +146,12 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 class CersaConv1d(CersaConvNd):
-    """CersaConvNd for nn.Conv1d (e.g. the 1-D convolutions of a diffusion UNet's attention)."""
+    """CersaConvNd for nn.Conv1d (audio and sequence models, attention projections written as 1-D
+    convolutions); build it with ``from_dense(conv, ...)`` (options as CersaLinear.from_linear)."""
 
     kind = "Conv1d"
     dims = 1
     dense_types = (nn.Conv1d,)
-
-    @classmethod
-    def from_conv1d(cls, conv: nn.Conv1d, config=None, *, name: str = "conv1d", **options) -> "CersaConv1d":
-        """Decompose conv.weight viewed as (out, in*k); config / options as CersaLinear.from_linear."""
-        return cls.from_dense(conv, config, name=name, **options)
 
 
 class CersaConv2d(CersaConvNd):
@@ -174,7 +170,7 @@ class CersaConv2d(CersaConvNd):
 
 
 class CersaConv3d(CersaConvNd):
-    """CersaConvNd for nn.Conv3d."""
+    """CersaConvNd for nn.Conv3d (video and volumetric models); build it with ``from_dense``."""
 
     kind = "Conv3d"
     dims = 3
