@@ -8,12 +8,17 @@ Methods:
   "rebuild"     rebuilds W = U diag(S) Vh + s B A from its factors on every call, then F.linear:
                 how SVD-based fine-tuning layers such as SVFT or PEFT's OSF compute.
   <backend>     ``cersa_kernels.cersa_linear(..., backend=<backend>)``: "reference", "cpp", ...
+  "qlora"       (bench/bench_qlora.py) QLoRA: the frozen W as bitsandbytes NF4 (Linear4bit, blocks of
+                64, double quantization) under the real PEFT LoRA (python/_qlora.make_qlora), delta
+                rank k, lora_alpha = LORA_ALPHA; ``qlora_linear``.
 Every layer has frozen weights / factors and a trainable delta A (k, n), B (m, k); the input x
 requires grad (the layer sits inside a network), so the backward computes dx, dA and dB.
 """
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +72,36 @@ def peft_lora_linear(weight: torch.Tensor, bias: torch.Tensor, k: int) -> nn.Mod
         for p in layer.lora_B.parameters():
             p.normal_(0.0, 0.01)
     return layer
+
+
+def _import_qlora():
+    """python/_qlora.py (the QLoRA front-end helper), imported from the repository's python/ folder."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
+    try:
+        import _qlora
+    finally:
+        sys.path.pop(0)
+    return _qlora
+
+
+def qlora_linear(weight: torch.Tensor, bias: torch.Tensor, k: int,
+                 compute_dtype: torch.dtype = torch.float32) -> tuple[nn.Module, int]:
+    """The PEFT QLoRA layer (peft.tuners.lora.bnb.Linear4bit over bitsandbytes' NF4 Linear4bit with
+    double quantization, built by python/_qlora.make_qlora) of a frozen nn.Linear(weight, bias),
+    LoRA rank k, lora_alpha LORA_ALPHA, no dropout; and the bytes of its frozen quantized weight.
+    Raises ImportError without bitsandbytes (callers skip)."""
+    _qlora = _import_qlora()
+    m, n = weight.shape
+    lin = nn.Linear(n, m, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        lin.bias.copy_(bias)
+    model = _qlora.make_qlora(_OneLinear(lin), ["lin"], r=k, alpha=LORA_ALPHA, compute_dtype=compute_dtype)
+    layer = model.base_model.model.lin
+    with torch.no_grad():  # as peft_lora_linear: a nonzero B, as in training
+        for p in layer.lora_B.parameters():
+            p.normal_(0.0, 0.01)
+    return layer, _qlora.frozen_base_bytes(model)
 
 
 def build(case: Case, device: torch.device | str, dtype: torch.dtype, seed: int = 0):
