@@ -1,4 +1,6 @@
-"""Shared fixtures of the test-suite: the float64 dense reference, error bounds, the MiniLM model.
+"""Shared fixtures of the test-suite: the float64 dense reference, error bounds, the one factory of
+the op's random inputs (make_inputs), the CPU backends to test (cpu_backends), the one_thread
+fixture and the MiniLM model.  Models and checks shared by several files are in tests/helpers.py.
 
 Triton runs on the CPU only under its interpreter, and TRITON_INTERPRET must be set before triton is
 first imported; importing torch does not import triton, so the variable is set here, right after
@@ -13,6 +15,7 @@ if not torch.cuda.is_available():
 
 import contextlib  # noqa: E402
 import copy  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -34,6 +37,28 @@ def single_thread():
             yield
     finally:
         torch.set_num_threads(n)
+
+
+@pytest.fixture()
+def one_thread():
+    """The test runs with torch and BLAS/LAPACK on one thread (single_thread).  Files of small SVDs,
+    where threads gain nothing, apply it to every test: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    with single_thread():
+        yield
+
+
+def cpu_backends(include_interpreted_triton: bool) -> list[str]:
+    """The backends that run on the CPU here (``cersa_kernels.available_backends("cpu")``), sorted.
+
+    On the CPU Triton runs only under its interpreter (TRITON_INTERPRET=1, set above when no GPU is
+    visible), at seconds a call: ``include_interpreted_triton=False`` leaves it out, for matrices of
+    many cases; tests/test_backend_triton.py tests that backend on its own.
+    """
+    import cersa_kernels
+
+    names = cersa_kernels.available_backends("cpu")
+    return sorted(b for b in names if include_interpreted_triton or b != "triton")
+
 
 #: Relative-error bounds, err = max|out - ref| / max|ref|, ref computed in float64 from the same,
 #: already rounded, inputs.  Derivation: fp64/fp32 results go through one GEMM chain with fp32 (or
@@ -79,6 +104,98 @@ def dense_reference(x, U, S, Vh, A=None, B=None, bias=None, scale=1.0, dy=None):
     for name, t in leaves.items():
         out[name] = None if t is None else (t.grad if t.grad is not None else torch.zeros_like(t))
     return out
+
+
+# ------------------------------------------------------------------------------ the op's inputs
+class OpInputs(NamedTuple):
+    """The seven inputs of ``cersa_linear`` in its argument order (None for an absent tensor):
+    ``cersa_linear(*inputs, scale)`` and ``dense_reference(*inputs, scale)`` take them as they are."""
+    x: torch.Tensor
+    U: torch.Tensor | None
+    S: torch.Tensor | None
+    Vh: torch.Tensor | None
+    A: torch.Tensor | None
+    B: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+LAYOUTS = ("contiguous", "transposed", "strided")
+
+
+def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The values of ``t`` in another memory layout (a new tensor; ``t`` is untouched).
+
+    "contiguous": row-major.  "transposed": stored in the reverse order of the dimensions
+    (column-major for a matrix; a 1-D tensor stays as it is).  "strided": every other element along
+    the last dimension of a NaN-filled buffer, from its second element (stride 2 and storage offset
+    1: no unit stride and not aligned; a kernel that reads between the elements reads NaN).
+    """
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "transposed":
+        dims = tuple(reversed(range(t.dim())))
+        return t.permute(dims).contiguous().permute(dims)
+    if layout == "strided":
+        buf = torch.full((*t.shape[:-1], 2 * t.shape[-1] + 1), float("nan"), dtype=t.dtype, device=t.device)
+        view = buf[..., 1::2]
+        view.copy_(t)
+        return view
+    raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+
+
+def make_inputs(N, n: int, m: int | None = None, r: int = 0, k: int = 0, dtype: torch.dtype = torch.float32, *,
+                delta: bool = True, bias: bool = True, seed: int = 0, generator: torch.Generator | None = None,
+                fan_scaled: bool = True, spectrum=(0.5, 1.5), layouts: dict | None = None,
+                requires_grad=(), device="cpu") -> OpInputs:
+    """Fresh random inputs of ``cersa_linear``: x (*N, n) and, unless ``m`` is None, the factors of an
+    (m, n) layer of frozen rank r and delta rank k.  The one factory of the test-suite's op inputs.
+
+    N: the number of rows, or a tuple of leading dimensions (``()`` for a 1-D x).  Every value is
+    drawn in float64 from ``generator`` (by default a new one seeded with ``seed``), in the order
+    x, U, S, Vh, A, B, bias, then rounded to ``dtype`` and moved to ``device``:
+
+    - x, bias: N(0, 1).  U, Vh, A, B: N(0, 1), divided by the square root of their inner size when
+      ``fan_scaled`` (U by sqrt(max(r, 1)), Vh and A by sqrt(n), B by sqrt(max(k, 1))) so that y and
+      the intermediates are O(1) (fp16 does not overflow); unscaled otherwise.
+    - S: uniform in [lo, hi) for ``spectrum=(lo, hi)``, or |N(0, 1)| + 0.1 for ``"half-normal"``
+      (positive, like singular values, with some close to 0).
+
+    ``delta=False``: A = B = None; ``bias=False``: bias = None; ``m=None``: x alone (the factors
+    None).  ``layouts``: {name: layout} for any of the seven tensors (see ``relayout``; the values do
+    not depend on the layout), contiguous for the others.  ``requires_grad``: the names of the tensors
+    made leaves that require grad (absent ones are skipped).  ``device``: where the tensors go (the
+    values do not depend on it).  Returns an OpInputs; a name outside the seven in ``layouts`` or
+    ``requires_grad`` raises ValueError.
+    """
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
+    lead = (N,) if isinstance(N, int) else tuple(N)
+
+    def rnd(*shape, fan=1):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) / (fan ** 0.5 if fan_scaled else 1.0)
+
+    t = {"x": rnd(*lead, n), "U": None, "S": None, "Vh": None, "A": None, "B": None, "bias": None}
+    if m is not None:
+        t["U"] = rnd(m, r, fan=max(r, 1))
+        if spectrum == "half-normal":
+            t["S"] = torch.randn(r, generator=g, dtype=torch.float64).abs() + 0.1
+        else:
+            lo, hi = spectrum
+            t["S"] = torch.rand(r, generator=g, dtype=torch.float64) * (hi - lo) + lo
+        t["Vh"] = rnd(r, n, fan=max(n, 1))
+        if delta:
+            t["A"] = rnd(k, n, fan=max(n, 1))
+            t["B"] = rnd(m, k, fan=max(k, 1))
+        if bias:
+            t["bias"] = rnd(m)
+    for arg, names in (("layouts", layouts or {}), ("requires_grad", requires_grad)):
+        unknown = set(names) - set(t)
+        if unknown:
+            raise ValueError(f"{arg}: expected names among {tuple(t)}, got {sorted(unknown)}")
+    for name, v in t.items():
+        if v is not None:
+            v = relayout(v.to(dtype).to(device), (layouts or {}).get(name, "contiguous"))
+            t[name] = v.requires_grad_(name in requires_grad)
+    return OpInputs(**t)
 
 
 @pytest.fixture(name="dense_reference")

@@ -4,7 +4,9 @@ The output-dtype rule (documented in ``cersa_linear`` and ``CersaLinear.forward`
 torch.autocast for x's device every tensor is cast to the autocast dtype and y has that dtype;
 otherwise y has x's dtype, and ``CersaLinear`` casts factors of another dtype to it (the functional
 op refuses mixed dtypes outside autocast).  Every gradient comes back in its own tensor's dtype.
-Values are compared with a float64 computation from the same (rounded) tensors.
+Values are compared with a float64 computation from the same (rounded) tensors; error metric and
+bounds: conftest.rel_error / conftest.TOL (bf16 / fp16 for results computed in those dtypes, 2-3
+roundings of the (N, r + k) intermediate and of y; fp32 for the all-fp32 parts).
 """
 from __future__ import annotations
 
@@ -15,16 +17,9 @@ from torch import nn
 import cersa_kernels
 from cersa_kernels import CersaLinear
 
-# max|out - ref| / max|ref| for results computed in bf16 / fp16 (2-3 roundings of the (N, r + k)
-# intermediate and of y); fp32 for the all-fp32 parts.
-TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-5}
+from conftest import TOL, cpu_backends, make_inputs, rel_error
+
 CPU_AUTOCAST = [torch.bfloat16, torch.float16]
-
-
-def _rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    scale = float(b.abs().max()) or 1.0
-    return float((a - b).abs().max()) / scale
 
 
 def _layer(m=19, n=23, r=6, k=4, dtype=torch.float32, seed=0):
@@ -59,7 +54,7 @@ def _run(layer, x, g, autocast_dtype=None):
 
 
 @pytest.mark.parametrize("dtype", CPU_AUTOCAST)
-@pytest.mark.parametrize("backend", cersa_kernels.available_backends("cpu"))
+@pytest.mark.parametrize("backend", cpu_backends(include_interpreted_triton=True))
 def test_autocast_cpu_fp32_layer(dtype, backend):
     layer = _layer()
     layer.backend = backend
@@ -77,10 +72,10 @@ def test_autocast_cpu_fp32_layer(dtype, backend):
     rounded = _layer()
     rounded.load_state_dict({k: v.to(dtype).float() for k, v in layer.state_dict().items()})
     y64, gx64, g64 = _ref64(rounded, x.to(dtype), g.to(dtype))
-    assert _rel(y, y64) < TOL[dtype]
-    assert _rel(xg.grad, gx64) < TOL[dtype]
+    assert rel_error(y, y64) < TOL[dtype]
+    assert rel_error(xg.grad, gx64) < TOL[dtype]
     for n in ("A", "B", "bias"):
-        assert _rel(getattr(layer, n).grad, g64[n]) < TOL[dtype], n
+        assert rel_error(getattr(layer, n).grad, g64[n]) < TOL[dtype], n
 
 
 def test_autocast_matches_manual_cast():
@@ -116,10 +111,10 @@ def test_bf16_factors_fp32_deltas(x_dtype):
     rounded = _layer()
     rounded.load_state_dict({k: v.to(x_dtype).float() for k, v in layer.state_dict().items()})
     y64, gx64, g64 = _ref64(rounded, x, g.to(x_dtype))
-    assert _rel(y, y64) < tol
-    assert _rel(xg.grad, gx64) < tol
+    assert rel_error(y, y64) < tol
+    assert rel_error(xg.grad, gx64) < tol
     for n in ("A", "B", "bias"):
-        assert _rel(getattr(layer, n).grad, g64[n]) < tol, n
+        assert rel_error(getattr(layer, n).grad, g64[n]) < tol, n
 
 
 def test_fp32_input_bf16_layer():
@@ -132,19 +127,16 @@ def test_fp32_input_bf16_layer():
     for n in ("A", "B", "bias"):
         assert getattr(layer, n).grad.dtype == torch.bfloat16, n
     y64, gx64, g64 = _ref64(layer, x, g)
-    assert _rel(y, y64) < TOL[torch.float32]  # bf16 factors are exact in fp32: only fp32 round-off
-    assert _rel(xg.grad, gx64) < TOL[torch.float32]
+    assert rel_error(y, y64) < TOL[torch.float32]  # bf16 factors are exact in fp32: only fp32 round-off
+    assert rel_error(xg.grad, gx64) < TOL[torch.float32]
     for n in ("A", "B", "bias"):
-        assert _rel(getattr(layer, n).grad, g64[n]) < TOL[torch.bfloat16], n  # rounded to bf16 once
+        assert rel_error(getattr(layer, n).grad, g64[n]) < TOL[torch.bfloat16], n  # rounded to bf16 once
 
 
 def test_functional_op_mixed_dtypes():
     """Outside autocast the op refuses mixed dtypes, naming the tensor; inside it casts them all."""
-    torch.manual_seed(3)
-    x = torch.randn(4, 8)
-    U, S, Vh = torch.randn(5, 3).bfloat16(), torch.rand(3).bfloat16(), torch.randn(3, 8).bfloat16()
-    A = torch.randn(2, 8, requires_grad=True)
-    B = torch.randn(5, 2, requires_grad=True)
+    x, U, S, Vh, A, B, _ = make_inputs(4, 8, 5, 3, 2, bias=False, seed=3, requires_grad=("A", "B"))
+    U, S, Vh = U.bfloat16(), S.bfloat16(), Vh.bfloat16()
     with pytest.raises(TypeError, match=r"U: expected dtype torch.float32 \(x's dtype\), got torch.bfloat16"):
         cersa_kernels.cersa_linear(x, U, S, Vh, A, B)
     with torch.autocast("cpu", dtype=torch.bfloat16):

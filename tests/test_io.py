@@ -14,14 +14,11 @@ from torch import nn
 import cersa_kernels
 from cersa_kernels import CersaLinear, convert, get_report, load, load_adapter, save, save_adapter
 
-from conftest import single_thread
-from test_convert import LINEARS, Toy, _x, assert_unchanged, snapshot
+from conftest import make_inputs
+from helpers import LINEARS, Toy, assert_unchanged, snapshot
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+# Small SVDs: one thread is as fast and avoids spin-waiting on a busy CI machine (conftest).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained_toy(seed=0, **kw):
@@ -43,7 +40,7 @@ def test_save_load_toy_identical(tmp_path):
     fresh = Toy(0)
     out = load(path, fresh)
     assert out is fresh
-    x = _x()
+    x = make_inputs((3, 4), 32).x
     assert torch.equal(fresh(x), model(x))
     assert {n: type(m) for n, m in fresh.named_modules()} == {n: type(m) for n, m in model.named_modules()}
     for k, v in model.state_dict().items():
@@ -74,14 +71,14 @@ def test_load_does_not_run_the_svd(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.linalg, "svd", no_svd)
     monkeypatch.setattr(torch.linalg, "svdvals", no_svd)
     fresh = load(tmp_path / "m.safetensors", Toy(0))
-    assert torch.equal(fresh(_x()), model(_x()))
+    assert torch.equal(fresh(make_inputs((3, 4), 32).x), model(make_inputs((3, 4), 32).x))
 
 
 def test_save_load_fp16_model(tmp_path):
     model = trained_toy().half()
     save(model, tmp_path / "h.safetensors")
     fresh = load(tmp_path / "h.safetensors", Toy(0).half())
-    x = _x().half()
+    x = make_inputs((3, 4), 32).x.half()
     assert torch.equal(fresh(x), model(x))
     assert all(p.dtype == torch.float16 for p in fresh.parameters())
 
@@ -140,80 +137,52 @@ def _model_with_other_norm():
     return model
 
 
-@pytest.mark.parametrize("target,pattern", [
-    (_model_with_extra, r"missing keys.*extra\.bias.*extra\.weight"),
-    (_model_with_other_norm, r"unexpected keys.*blocks\.1\.norm\.bias.*blocks\.1\.norm\.weight"),
-])
-def test_missing_and_unexpected_keys(tmp_path, target, pattern):
+def _model_with_other_dense_shape():
+    model = Toy(0)
+    model.dw = nn.Conv2d(4, 4, 5, groups=4, padding=2)
+    return model
+
+
+def _model_without_head():
+    model = Toy(0)
+    del model.head
+    return model
+
+
+def _model_with_narrow_ffn():
+    model = Toy(0)
+    for b in model.blocks:
+        b.ffn = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32))
+    return model
+
+
+def _model_with_head_without_bias():
+    model = Toy(0)
+    model.head = nn.Linear(32, 5, bias=False)
+    return model
+
+
+# case: (the model loaded into, regex of the error); the file holds trained_toy()
+MISMATCHES = {
+    "missing_keys": (_model_with_extra, r"missing keys.*extra\.bias.*extra\.weight"),
+    "unexpected_keys": (_model_with_other_norm, r"unexpected keys.*blocks\.1\.norm\.bias.*blocks\.1\.norm\.weight"),
+    "shape_of_dense_tensor": (_model_with_other_dense_shape,
+                              r"shape mismatch.*dw\.weight.*\(4, 1, 3, 3\).*\(4, 1, 5, 5\)"),
+    "layer_missing_from_model": (_model_without_head, r"head"),
+    "shape_of_converted_layer": (_model_with_narrow_ffn, r"blocks\.0\.ffn\.0"),
+    "bias_flag": (_model_with_head_without_bias, "head"),
+    "already_converted": (trained_toy, "already a CERSA layer"),
+}
+
+
+@pytest.mark.parametrize("target,pattern", list(MISMATCHES.values()), ids=list(MISMATCHES))
+def test_load_into_a_mismatched_model_changes_nothing(tmp_path, target, pattern):
     save(trained_toy(), tmp_path / "m.safetensors")
     model = target()
     snap = snapshot(model)
     with pytest.raises(ValueError, match=pattern):
         load(tmp_path / "m.safetensors", model)
     assert_unchanged(model, snap)
-
-
-def test_mismatched_shape_of_dense_tensor(tmp_path):
-    class Other(Toy):
-        def __init__(self):
-            super().__init__(0)
-            self.dw = nn.Conv2d(4, 4, 5, groups=4, padding=2)
-
-    save(trained_toy(), tmp_path / "m.safetensors")
-    model = Other()
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"shape mismatch.*dw\.weight.*\(4, 1, 3, 3\).*\(4, 1, 5, 5\)"):
-        load(tmp_path / "m.safetensors", model)
-    assert_unchanged(model, snap)
-
-
-def test_layer_missing_from_model(tmp_path):
-    save(trained_toy(), tmp_path / "m.safetensors")
-    model = Toy(0)
-    del model.head
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"head"):
-        load(tmp_path / "m.safetensors", model)
-    assert_unchanged(model, snap)
-
-
-def test_mismatched_shape_of_converted_layer(tmp_path):
-    class Narrow(Toy):
-        def __init__(self):
-            super().__init__(0)
-            for b in self.blocks:
-                b.ffn = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32))
-
-    save(trained_toy(), tmp_path / "m.safetensors")
-    model = Narrow()
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"blocks\.0\.ffn\.0"):
-        load(tmp_path / "m.safetensors", model)
-    assert_unchanged(model, snap)
-
-
-def test_bias_flag_mismatch(tmp_path):
-    class NoBias(Toy):
-        def __init__(self):
-            super().__init__(0)
-            self.head = nn.Linear(32, 5, bias=False)
-
-    save(trained_toy(), tmp_path / "m.safetensors")
-    model = NoBias()
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match="head"):
-        load(tmp_path / "m.safetensors", model)
-    assert_unchanged(model, snap)
-
-
-def test_load_into_converted_model_is_refused(tmp_path):
-    model = trained_toy()
-    save(model, tmp_path / "m.safetensors")
-    target = trained_toy(seed=0)
-    snap = snapshot(target)
-    with pytest.raises(ValueError, match="already a CERSA layer"):
-        load(tmp_path / "m.safetensors", target)
-    assert_unchanged(target, snap)
 
 
 def test_file_errors(tmp_path):
@@ -260,7 +229,7 @@ def test_atomic_write_keeps_old_file(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["m.safetensors"], "a temporary file was left behind"
     monkeypatch.undo()
     fresh = load(path, Toy(0))
-    assert torch.equal(fresh(_x()), model(_x()))
+    assert torch.equal(fresh(make_inputs((3, 4), 32).x), model(make_inputs((3, 4), 32).x))
 
 
 def test_saved_file_respects_umask(tmp_path):
@@ -287,7 +256,7 @@ def test_adapter_round_trip(tmp_path):
     assert not any(k.endswith((".U", ".Vh", ".S")) for k in keys)
     assert meta["kind"] == "adapter"
     base = convert(Toy(0), energy=0.93, delta_rank=2, train_bias=True, progress=False)
-    x = _x()
+    x = make_inputs((3, 4), 32).x
     assert not torch.equal(base(x), model(x))
     load_adapter(path, base)
     assert torch.equal(base(x), model(x))

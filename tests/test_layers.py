@@ -1,4 +1,4 @@
-"""Tests of cersa_kernels.CersaLinear (cersa_kernels/layers.py).
+"""Tests of cersa_kernels.CersaLinear (cersa_kernels/layers/linear.py).
 
 References: numpy/torch float64 SVD of the same weight (the rank-r truncation W_r), and the layer's
 own definition y = x (U diag(S) Vh + s B A)^T + bias evaluated densely in float64.
@@ -15,31 +15,24 @@ import pytest
 import torch
 from torch import nn
 
-import cersa_kernels
 from cersa_kernels import CersaLinear
 
-from conftest import single_thread, TOL, rel_error
+from conftest import TOL, cpu_backends, make_inputs, rel_error
+from helpers import spectrum_matrix
 
+# Small SVDs: one thread is as fast and avoids spin-waiting on a busy CI machine (conftest).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small SVDs: one thread is as fast and avoids spin-waiting on a busy CI machine (conftest)."""
-    with single_thread():
-        yield
-
-BACKENDS = sorted({"reference", *(b for b in cersa_kernels.available_backends("cpu") if b != "triton")})
+BACKENDS = cpu_backends(include_interpreted_triton=False)
 
 
 def decaying_linear(n_in=48, n_out=40, seed=0, dtype=torch.float32, bias=True):
     """An nn.Linear whose weight has a decaying, well separated spectrum (so energy ranks are stable)."""
     g = torch.Generator().manual_seed(seed)
-    p = min(n_in, n_out)
-    U, _ = torch.linalg.qr(torch.randn(n_out, p, generator=g, dtype=torch.float64))
-    V, _ = torch.linalg.qr(torch.randn(n_in, p, generator=g, dtype=torch.float64))
-    sig = 10.0 * 0.85 ** torch.arange(p, dtype=torch.float64)
+    sig = 10.0 * 0.85 ** torch.arange(min(n_in, n_out), dtype=torch.float64)
     lin = nn.Linear(n_in, n_out, bias=bias)
     with torch.no_grad():
-        lin.weight.copy_((U * sig) @ V.t())
+        lin.weight.copy_(spectrum_matrix(n_out, n_in, sig, generator=g))
         if bias:
             lin.bias.copy_(torch.randn(n_out, generator=g))
     return lin.to(dtype)
@@ -62,8 +55,8 @@ def dense_of(layer: CersaLinear) -> torch.Tensor:
     return (U * S) @ Vh + layer.scale * (B @ A)
 
 
-def _x(n, lead=(5, 3), seed=1, dtype=torch.float32):
-    return torch.randn(*lead, n, generator=torch.Generator().manual_seed(seed)).to(dtype)
+#: The leading dimensions of the layers' inputs (3-D x).
+LEAD = (5, 3)
 
 
 # ------------------------------------------------------------------------------------ initialisation
@@ -76,7 +69,7 @@ def test_init_reproduces_rank_r_truncation(init, tau):
     assert layer.rank == r
     Wr = truncation64(lin.weight, r)
     assert rel_error(dense_of(layer), Wr) <= 1e-5
-    x = _x(48)
+    x = make_inputs(LEAD, 48).x
     y = layer(x)
     ref = x.double() @ Wr.t() + lin.bias.detach().double()
     assert y.shape == (5, 3, 40) and y.dtype == torch.float32
@@ -144,7 +137,7 @@ def test_layer_forward_backward_matches_dense(backend):
                                     train_bias=True, backend=backend)
     with torch.no_grad():
         layer.B.normal_()
-    x = _x(48).requires_grad_(True)
+    x = make_inputs(LEAD, 48, requires_grad=("x",)).x
     y = layer(x)
     W = dense_of(layer).requires_grad_(True)
     b = layer.bias.detach().double().requires_grad_(True)
@@ -175,7 +168,7 @@ def test_rank_one_weight(tau):
                                      torch.tensor([2.0, 1, -0.5, 3, -4, 1, 0.25, 8, -2])))
     layer = CersaLinear.from_linear(lin, energy=tau, delta_rank=2)
     assert layer.rank == 1
-    x = _x(9)
+    x = make_inputs(LEAD, 9).x
     assert rel_error(layer(x), lin(x)) <= TOL[torch.float32]
 
 
@@ -186,7 +179,7 @@ def test_all_zero_weight_layer_works(init):
         lin.weight.zero_()
     layer = CersaLinear.from_linear(lin, energy=0.93, delta_rank=3, init=init)
     assert layer.rank == 0 and layer.frozen_rank == 0 and layer.energy == 0.0
-    x = _x(12).requires_grad_(True)
+    x = make_inputs(LEAD, 12, requires_grad=("x",)).x
     y = layer(x)
     assert torch.equal(y, lin.bias.detach().expand_as(y))  # B = 0 at init: output = bias
     with torch.no_grad():
@@ -207,7 +200,7 @@ def test_half_precision_weights(dtype):
     layer = CersaLinear.from_linear(lin, energy=1.0, delta_rank=4)
     for name, p in layer.named_parameters():
         assert p.dtype == dtype, name
-    x = _x(48, dtype=dtype)
+    x = make_inputs(LEAD, 48, dtype=dtype).x
     y = layer(x)
     assert y.dtype == dtype
     ref = x.double() @ lin.weight.detach().double().t() + lin.bias.detach().double()
@@ -243,7 +236,7 @@ def test_merge_gives_equal_linear(bias):
     assert type(merged) is nn.Linear
     assert (merged.in_features, merged.out_features) == (48, 40) and (merged.bias is None) == (not bias)
     assert rel_error(merged.weight, dense_of(layer)) <= 1e-6
-    x = _x(48)
+    x = make_inputs(LEAD, 48).x
     assert rel_error(merged(x), layer(x).double()) <= TOL[torch.float32]
     if bias:
         assert torch.equal(merged.bias, layer.bias)
@@ -274,13 +267,13 @@ def test_to_half_double_follow_every_tensor():
         for n, p in layer.named_parameters():
             assert p.dtype == dtype, n
             assert p.requires_grad == flags[n], n
-        assert layer(_x(48, dtype=dtype)).dtype == dtype
+        assert layer(make_inputs(LEAD, 48, dtype=dtype).x).dtype == dtype
 
 
 def test_mixed_dtype_input_is_cast():
     """A bf16 layer fed fp32 input computes in fp32 (output = x's dtype), grads in bf16."""
     layer = CersaLinear.from_linear(decaying_linear(), energy=0.9, delta_rank=4).to(torch.bfloat16)
-    x = _x(48)
+    x = make_inputs(LEAD, 48).x
     y = layer(x)
     assert y.dtype == torch.float32
     y.sum().backward()
@@ -300,7 +293,7 @@ def _same_layer(a: CersaLinear, b: CersaLinear):
     for n in pa:
         assert torch.equal(pa[n], pb[n]) and pa[n].dtype == pb[n].dtype, n
         assert pa[n].requires_grad == pb[n].requires_grad, n
-    x = _x(a.in_features)
+    x = make_inputs(LEAD, a.in_features).x
     assert torch.equal(a(x), b(x))
 
 

@@ -3,8 +3,8 @@
 Random sizes m, n, frozen rank r, delta rank k (including 0 and 1, and no delta at all), leading
 dimensions of x (none to three, each possibly 0 or 1), dtypes (fp64, fp32, fp16, bf16), memory
 layouts of every tensor and of the incoming gradient (contiguous, transposed storage, a stride-2
-slice, a stride-0 broadcast for dy), which tensors require grad, the scale, and every backend in
-``cersa_kernels.available_backends("cpu")``: forward and every requested gradient agree with the
+slice, a stride-0 broadcast for dy), which tensors require grad, the scale, and every CPU backend
+(conftest.cpu_backends, the interpreted Triton included): forward and every requested gradient agree with the
 float64 dense reference computed from the same (already rounded) tensors, within the per-dtype
 bound of tests/conftest.py (TOL; the derivation is there).  The bound is relative to the size of the
 terms summed, not of the result: max|out - ref| <= TOL * max(ref_abs), where ref_abs is the same
@@ -21,25 +21,13 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-import cersa_kernels  # noqa: E402
 from cersa_kernels import cersa_linear  # noqa: E402
 
-BACKENDS = cersa_kernels.available_backends("cpu")
+from conftest import GRAD_NAMES, LAYOUTS, cpu_backends, make_inputs  # noqa: E402
+
+BACKENDS = cpu_backends(include_interpreted_triton=True)
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-LAYOUTS = ["contiguous", "transposed", "strided"]
-NAMES = ("x", "U", "S", "Vh", "A", "B", "bias")
 EXAMPLES = int(__import__("os").environ.get("CERSA_HYP_EXAMPLES", "240"))
-
-
-def _matrix(shape, layout, dtype, gen):
-    """A tensor of ``shape`` (values N(0, 1) rounded to dtype) stored in ``layout``."""
-    if layout == "transposed" and len(shape) >= 2:
-        t = torch.randn(*reversed(shape), generator=gen, dtype=torch.float64).to(dtype)
-        return t.permute(*reversed(range(len(shape))))
-    if layout == "strided" and len(shape) >= 1:
-        t = torch.randn(*shape[:-1], 2 * shape[-1], generator=gen, dtype=torch.float64).to(dtype)
-        return t[..., ::2]
-    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
 
 
 @st.composite
@@ -55,9 +43,9 @@ def cases(draw):
         "k": draw(st.one_of(st.none(), st.sampled_from([0, 1]), st.integers(2, 9))),
         "bias": draw(st.booleans()),
         "scale": draw(st.sampled_from([1.0, 0.0, 0.5, -1.25, 2.0])),
-        "layouts": {n: draw(st.sampled_from(LAYOUTS)) for n in NAMES},
+        "layouts": {n: draw(st.sampled_from(LAYOUTS)) for n in GRAD_NAMES},
         "dy": draw(st.sampled_from(["contiguous", "transposed", "broadcast"])),
-        "grads": {n: draw(st.booleans()) for n in NAMES},
+        "grads": {n: draw(st.booleans()) for n in GRAD_NAMES},
         "seed": draw(st.integers(0, 2**31 - 1)),
     }
     c["r"] = draw(st.integers(0, min(c["m"], c["n"])))
@@ -65,24 +53,19 @@ def cases(draw):
         c["lead"] = (draw(size),)  # a plain 2-D x is the common case
     if c["lead"] == () and c["layouts"]["x"] == "transposed":
         c["layouts"]["x"] = "contiguous"  # a 1-D x has no transposed storage
+    if c["backend"] == "triton":  # it reads S with unit stride: test_backend_triton.py::test_cersa_linear_strided_S
+        c["layouts"]["S"] = "contiguous"
     return c
 
 
 def _build(c):
+    """The case's inputs (N(0, 1) values, S = |N(0, 1)| + 0.1, in the case's layouts) as a dict, and the
+    generator they were drawn from (dy is drawn from it next)."""
     gen = torch.Generator().manual_seed(c["seed"])
-    m, n, r, k, dt = c["m"], c["n"], c["r"], c["k"], c["dtype"]
-    shapes = {"x": (*c["lead"], n), "U": (m, r), "S": (r,), "Vh": (r, n)}
-    if k is not None:
-        shapes.update(A=(k, n), B=(m, k))
-    if c["bias"]:
-        shapes["bias"] = (m,)
-    t = {name: None for name in NAMES}
-    for name, shape in shapes.items():
-        v = _matrix(shape, c["layouts"][name], dt, gen)
-        if name == "S":
-            v = (v.abs() + 0.1).to(dt)  # singular values are positive
-        t[name] = v.requires_grad_(c["grads"][name])
-    return t, gen
+    t = make_inputs(c["lead"], c["n"], c["m"], c["r"], c["k"] or 0, c["dtype"], delta=c["k"] is not None,
+                    bias=c["bias"], generator=gen, fan_scaled=False, spectrum="half-normal", layouts=c["layouts"],
+                    requires_grad=[name for name, on in c["grads"].items() if on])
+    return t._asdict(), gen
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=False, print_blob=True,
@@ -91,7 +74,7 @@ def _build(c):
 @given(c=cases())
 def test_matches_float64_reference(c, dense_reference, tol):
     t, gen = _build(c)
-    args = [t[name] for name in NAMES]
+    args = [t[name] for name in GRAD_NAMES]
     y = cersa_linear(*args, scale=c["scale"], backend=c["backend"])
     assert y.shape == (*c["lead"], c["m"]) and y.dtype == c["dtype"]
     shape = tuple(y.shape)
@@ -108,7 +91,7 @@ def test_matches_float64_reference(c, dense_reference, tol):
     bound = tol[c["dtype"]]
     err = _err(y, ref["y"], mag["y"])
     assert err <= bound, f"y: error {err:.3g} (relative to the terms' size) > {bound:g}"
-    wanted = [name for name in NAMES if t[name] is not None and t[name].requires_grad]
+    wanted = [name for name in GRAD_NAMES if t[name] is not None and t[name].requires_grad]
     if not wanted:
         assert not y.requires_grad
         return

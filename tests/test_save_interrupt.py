@@ -14,6 +14,8 @@ from torch import nn
 
 import cersa_kernels
 
+from conftest import make_inputs
+
 
 class Net(nn.Module):
     def __init__(self):
@@ -36,7 +38,7 @@ def _trained(seed):
     return model
 
 
-X = torch.randn(5, 10, generator=torch.Generator().manual_seed(7))
+X = make_inputs(5, 10, seed=7).x
 
 
 def _partial_writer(tensors, filename, metadata=None):

