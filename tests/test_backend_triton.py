@@ -343,15 +343,20 @@ def test_cersa_linear_3d_non_contiguous(dtype):
 
 
 @needs_ops
-@pytest.mark.xfail(strict=True, reason="the Triton backend reads S with unit stride: a non-contiguous S (here "
-                   "stride 2, NaN between its elements) gives wrong values; the cpp and reference backends are right")
 def test_cersa_linear_strided_S():
+    """A non-contiguous S (stride 2, NaN between its elements): output and dS as the reference."""
     gen = torch.Generator().manual_seed(9)
     t = make_inputs(7, 12, 10, 4, 2, torch.float32, generator=gen, layouts={"S": "strided"}, **INPUTS)
     assert not t.S.is_contiguous()
-    y = ops.cersa_linear(*t, scale=0.5, backend="triton")
-    y64 = ops.cersa_linear(*map(d64, t), scale=0.5, backend="reference")
+    S = t.S.detach().requires_grad_(True)
+    y = ops.cersa_linear(t.x, t.U, S, t.Vh, t.A, t.B, t.bias, scale=0.5, backend="triton")
+    S64 = d64(t.S).detach().requires_grad_(True)
+    y64 = ops.cersa_linear(d64(t.x), d64(t.U), S64, d64(t.Vh), d64(t.A), d64(t.B), d64(t.bias), scale=0.5,
+                           backend="reference")
     assert rel_error(y, y64) <= tol(torch.float32)
+    y.sum().backward()
+    y64.sum().backward()
+    assert rel_error(S.grad, S64.grad) <= tol(torch.float32)
 
 
 @needs_ops

@@ -152,6 +152,7 @@ def _launcher(x: Tensor, launch: Launcher | None) -> Callable[[_k.Launch | None]
 def _forward_impl(x, U, S, Vh, A, B, bias, scale, save_xv, *, launch: Launcher | None = None):
     """(y, h_k, xv) of the custom op ``triton_forward``; at most two launches (see the kernel plan
     above), none when N = 0.  launch: see :func:`_launcher` (default: run them)."""
+    S = S.contiguous()  # the kernels read S (r numbers) with unit stride
     emit = _launcher(x, launch)
     tf32 = tf32_enabled()
     N, n = x.shape
@@ -180,6 +181,7 @@ def _backward_impl(dy, x, h_k, xv, U, S, Vh, A, B, scale, needs, *, launch: Laun
     """(dx, dU, dS, dVh, dA, dB, dbias) of the custom op ``triton_backward`` (empty (0,) tensors
     where not needed); at most four launches (see the kernel plan above), none when N = 0.
     launch: see :func:`_launcher` (default: run them)."""
+    S = S.contiguous()  # the kernels read S (r numbers) with unit stride
     emit = _launcher(dy, launch)
     tf32 = tf32_enabled()
     has_delta = A is not None
