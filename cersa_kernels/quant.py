@@ -47,6 +47,18 @@ def _nf4_levels64() -> Tensor:
     return v / v.abs().max()
 
 
+@functools.lru_cache(maxsize=None)
+def _nf4_pairs_cpu() -> Tensor:
+    byte = torch.arange(256)
+    return _nf4_levels64().to(torch.float32)[torch.stack([byte & 15, byte >> 4], 1)]
+
+
+def _nf4_pairs(device) -> Tensor:
+    """(256, 2) float32: the two NF4 levels each packed byte holds."""
+    pairs = _nf4_pairs_cpu()
+    return pairs if torch.device(device).type == "cpu" else pairs.to(device)
+
+
 def nf4_levels(dtype: torch.dtype = torch.float32, device=None) -> Tensor:
     """The 16 NF4 levels, ascending, in [-1, 1] with an exact 0 (index 7): the quantiles
     Phi^-1(p) of N(0, 1) at 8 points p from 1 - offset to 0.5 (positive side) and 7 (negative side),
@@ -95,9 +107,8 @@ def dequantize(codes: Tensor, scales: Tensor, shape: tuple[int, int], quant_type
     numel = shape[0] * shape[1]
     if quant_type == "int8":
         values = codes.to(torch.float32) / 127.0
-    else:
-        levels = nf4_levels(torch.float32, codes.device)
-        values = levels[torch.stack([codes & 15, codes >> 4], 1).reshape(-1).long()]
+    else:  # one lookup per byte: its pair of levels, low nibble first
+        values = _nf4_pairs(codes.device)[codes.long()].reshape(-1)
     blocks = _blocks(values[:numel], block_size) * scales[:, None]
     return blocks.reshape(-1)[:numel].view(shape).to(dtype)
 

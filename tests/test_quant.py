@@ -13,13 +13,14 @@ import torch
 from torch import nn
 
 import cersa_kernels as ck
+from conftest import cpu_backends
 from cersa_kernels.quant import DOUBLE_QUANT_BLOCK, QuantizedMatrix, nf4_levels
 
 #: NF4 levels as published with QLoRA (Dettmers et al. 2023, appendix E), to 8 digits.
 NF4_PUBLISHED = [-1.0, -0.6961928, -0.52507305, -0.39491749, -0.28444138, -0.18477343, -0.09105004, 0.0,
                  0.0795803, 0.1609302, 0.2461123, 0.33791524, 0.44070983, 0.562617, 0.72295684, 1.0]
 KINDS = [("int8", False), ("nf4", False), ("nf4", True), ("int8", True)]
-CPU_BACKENDS = sorted({"reference", *(b for b in ck.available_backends("cpu") if b != "triton")})
+CPU_BACKENDS = cpu_backends(include_interpreted_triton=False)
 
 
 def test_nf4_levels_are_the_published_code():
