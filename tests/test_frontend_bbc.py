@@ -185,6 +185,22 @@ def test_bad_options_exit_with_a_message(fb, capsys):
         assert msg in capsys.readouterr().err
 
 
+def test_compare_passes_save_only_to_the_cersa_process(fb, monkeypatch):
+    import _frontend
+
+    monkeypatch.delenv("STEPS", raising=False)
+    parser = _frontend.build_parser(fb.FRONT_END)
+    args = parser.parse_args(["--save", "out.safetensors", "--max-length", "64", "--train-size", "100"])
+    _frontend.check_args(fb.FRONT_END, parser, args)
+    argv = {m: _frontend.child_argv(fb.FRONT_END, parser, args, m, f"{m}.json") for m in fb.METHODS}
+    assert argv["cersa"][argv["cersa"].index("--save") + 1] == "out.safetensors"
+    assert "--save" not in argv["lora"] and "--save" not in argv["full"]
+    for m, a in argv.items():
+        assert a[a.index("--method") + 1] == m and a[a.index("--steps") + 1] == "100"
+        assert a[a.index("--max-length") + 1] == "64" and a[a.index("--train-size") + 1] == "100"
+    assert fb.FRONT_END.child_env == {"HF_HUB_OFFLINE": "1"}
+
+
 # ------------------------------------------------------------------------------------------------
 # the recipe, a few steps of each method (in this process)
 # ------------------------------------------------------------------------------------------------
@@ -209,8 +225,8 @@ def minilm_shapes(fb):
 def _check_common(row, shapes):
     assert 0.0 <= row["accuracy"] <= 1.0
     assert row["linear_layers"] == 37 == len(shapes)
-    assert row["linear_base_layers"] == 37
-    assert row["dense_linear_bytes"] == 4 * sum(m * n for m, n in shapes)
+    assert row["base_layers"] == 37 == row["dense_base_layers"]
+    assert row["dense_base_bytes"] == 4 * sum(m * n for m, n in shapes)
     assert row["n_train"] == 24
     assert row["n_test"] == pytest.approx(0.05 * 2225, abs=5)
     assert row["s_per_step"] > 0 and row["peak_rss_mib"] > 0
@@ -228,7 +244,7 @@ def test_smoke_lora(fb, minilm_shapes, capsys):
     _check_common(row, shapes)
     assert row["trainable"] == sum(16 * (m + n) for m, n in shapes) + HEAD
     assert row["frozen"] == total
-    assert row["linear_base_bytes"] == row["dense_linear_bytes"]
+    assert row["base_bytes"] == row["dense_base_bytes"]
     out = capsys.readouterr().out
     assert "| lora" in out and "accuracy" in out
 
@@ -239,8 +255,8 @@ def test_smoke_full(fb, minilm_shapes):
     (row,) = fb.main(["--method", "full", *SMOKE])
     _check_common(row, shapes)
     assert row["trainable"] == total + HEAD and row["frozen"] == 0
-    assert row["linear_base_bytes"] == row["dense_linear_bytes"]
-    assert row["linear_base_frozen"] is False
+    assert row["base_bytes"] == row["dense_base_bytes"]
+    assert row["base_frozen"] is False
 
 
 @needs_model
@@ -259,7 +275,7 @@ def test_smoke_cersa_and_save_load_round_trip(fb, minilm_shapes, tmp_path, capsy
     assert row["layers_converted"] > 0
     assert 0.0 < row["rank_fraction_min"] <= row["rank_fraction_median"] <= row["rank_fraction_max"] <= 1.0
     # frozen factors are smaller than the dense weights they replace (layers that would grow stay dense)
-    assert row["linear_base_bytes"] < row["dense_linear_bytes"]
+    assert row["base_bytes"] < row["dense_base_bytes"]
     assert path.exists()
 
     # a fresh, unconverted classifier loaded from the file computes what the saved state holds
@@ -282,4 +298,4 @@ def test_smoke_cersa_and_save_load_round_trip(fb, minilm_shapes, tmp_path, capsy
     assert len(layers) + len(dense) == 37
     expected = 4 * (sum(m.frozen_rank * (m.in_features + m.out_features + 1) for m in layers)
                     + sum(m.in_features * m.out_features for m in dense))
-    assert row["linear_base_bytes"] == expected
+    assert row["base_bytes"] == expected

@@ -1,0 +1,210 @@
+"""Tests of the runner every front end uses (python/_frontend.py), on a toy front end.
+
+The toy front end (written to a temporary file, so --compare can run it as a script) trains a small
+MLP on seeded synthetic data; its first layer has rank 4, so CERSA converts it.  Checked: each method
+runs in its own process, the table's columns and JSON results, STEPS from the environment, the
+number of batches a run consumes, the learning-rate schedule, the measured fields, the base-weight
+accounting of dense / LoRA / CERSA layers, and the errors (a failing method, batches that run out,
+an unknown method).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON_DIR = ROOT / "python"
+sys.path.insert(0, str(PYTHON_DIR))
+
+import _frontend  # noqa: E402
+
+HAVE_PEFT = importlib.util.find_spec("peft") is not None
+processes = pytest.mark.slow(reason="starts Python processes that import torch, one per method (~10-20 s on 2 cores)")
+
+TOY = '''
+import os, sys
+sys.path.insert(0, {python_dir!r})
+sys.path.append({root!r})
+import torch
+from torch import nn
+import _frontend
+from _frontend import FrontEnd, Metric, Task, base_weights, prepare_method
+
+def setup(method, args):
+    if os.environ.get("TOY_FAIL") == method:
+        raise RuntimeError("toy failure")
+    g = torch.Generator().manual_seed(args.seed)
+    X = torch.randn(96, 32, generator=g)
+    y = (X[:, 0] > 0).long()
+    body = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 8))
+    with torch.no_grad():  # rank 4, four equal singular values: CERSA keeps all 4 and saves memory
+        qa = torch.linalg.qr(torch.randn(32, 4, generator=g))[0]
+        qb = torch.linalg.qr(torch.randn(32, 4, generator=g))[0]
+        body[0].weight.copy_(qa @ qb.T / 2)
+    dense = base_weights(body)[:2]
+    body, extra = prepare_method(method, body, args)
+    model = nn.Sequential(body, nn.Linear(8, 2))
+    used = []
+    limit = int(os.environ.get("TOY_BATCHES", "1000000"))
+
+    def batches():
+        for _ in range(limit):
+            used.append(1)
+            idx = torch.randint(0, 96, (args.batch_size,), generator=g)
+            yield (X[idx],), y[idx]
+
+    def record(trained):
+        extra["batches_used"] = len(used)
+
+    extra["pid"] = os.getpid()
+    return Task(model=model, head=list(model[1].parameters()), batches=batches(),
+                evaluate=lambda m: float((m(X).argmax(-1) == y).float().mean()), base=(model[0], (nn.Linear,)),
+                dense_base=dense, n_train=96, n_test=96, extra=extra, after_training=record)
+
+FRONT_END = FrontEnd(script=__file__, description="toy", methods=("cersa", "lora", "full", "head"),
+                     default_lr={{"cersa": 1e-2, "lora": 1e-2, "full": 1e-3, "head": 1e-2}}, head_lr=5e-2,
+                     setup=setup, title=lambda args: f"toy: {{args.steps}} steps",
+                     notes=lambda rows: [f"accuracy on {{rows[0]['n_test']}} toy points."],
+                     base_label="toy base weights (MiB)", defaults={{"delta_rank": 2, "steps": 6, "log_every": 2}})
+
+if __name__ == "__main__":
+    _frontend.main(FRONT_END)
+'''
+
+HEADER = ("| method | accuracy | trainable params | toy base weights (MiB) | total params (MiB) | peak RSS (MiB) "
+          "| train peak RSS (MiB) | s / step | lr")
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    path = tmp_path_factory.mktemp("toy") / "toy_frontend.py"
+    path.write_text(TOY.format(python_dir=str(PYTHON_DIR), root=str(ROOT)))
+    spec = importlib.util.spec_from_file_location("toy_frontend", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("STEPS", "TOY_FAIL", "TOY_BATCHES")}
+    env.update(extra)
+    return env
+
+
+# ------------------------------------------------------------------------------------------------
+# --compare: one process per method, the table, JSON
+# ------------------------------------------------------------------------------------------------
+@processes
+def test_compare_runs_each_method_in_its_own_process(toy, tmp_path):
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, toy.FRONT_END.script, "--methods", "full", "head", "--quiet",
+                           "--json", str(out)], env=_env(STEPS="3"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| method"))
+    assert lines[header].replace(" ", "").startswith(HEADER.replace(" ", ""))
+    assert [line.split("|")[1].strip() for line in lines[header + 2: header + 4]] == ["full", "head"]
+    assert "toy: 3 steps; wall time" in proc.stdout and "accuracy on 96 toy points." in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["options"]["steps"] == 3 and result["options"]["methods"] == ["full", "head"]
+    rows = result["rows"]
+    assert [r["method"] for r in rows] == ["full", "head"]
+    assert len({r["pid"] for r in rows} | {os.getpid()}) == 3  # two children, neither is this process
+    for r in rows:
+        assert r["steps"] == 3 and r["batches_used"] == 3  # STEPS reached the children; one batch a step
+    full, head = rows
+    assert full["base_frozen"] is False and head["base_frozen"] is True
+    assert head["trainable"] == 8 * 2 + 2 and full["trainable"] == 32 * 32 + 32 + 32 * 8 + 8 + 18
+    assert full["lr"] == 1e-3 and head["lr"] == 1e-2 and full["head_lr"] == 5e-2
+
+
+@processes
+def test_a_failing_method_is_named(toy, monkeypatch, capsys):
+    monkeypatch.setenv("TOY_FAIL", "head")
+    monkeypatch.delenv("STEPS", raising=False)
+    with pytest.raises(RuntimeError, match=r"these runs failed: head \(exit code 1\)"):
+        _frontend.main(toy.FRONT_END, ["--methods", "full", "head", "--steps", "2", "--quiet"])
+    assert "| full" in capsys.readouterr().out  # the table of the runs that worked
+
+
+# ------------------------------------------------------------------------------------------------
+# one method in this process
+# ------------------------------------------------------------------------------------------------
+def _run(toy, method, monkeypatch, *argv):
+    monkeypatch.delenv("STEPS", raising=False)
+    (row,) = _frontend.main(toy.FRONT_END, ["--method", method, "--quiet", *argv])
+    return row
+
+
+def test_measured_fields(toy, monkeypatch):
+    row = _run(toy, "full", monkeypatch, "--steps", "5")
+    assert row["batches_used"] == 5 and row["steps"] == 5 and row["n_test"] == 96
+    assert row["s_per_step"] > 0 and row["total_s"] >= row["train_s"] > 0
+    assert row["peak_rss_mib"] >= row["train_peak_rss_mib"] > 0  # VmHWM was reset before the first step
+    assert 0.0 <= row["accuracy"] <= 1.0 and math.isfinite(row["final_loss"])
+    assert row["base_layers"] == row["dense_base_layers"] == 2
+    assert row["base_bytes"] == row["dense_base_bytes"] == 4 * (32 * 32 + 32 * 8)
+
+
+def test_cersa_counts_the_factors(toy, monkeypatch):
+    import cersa_kernels  # noqa: F401  (the layers the row counts)
+
+    row = _run(toy, "cersa", monkeypatch, "--steps", "2")
+    assert row["layers_converted"] >= 1 and row["layers_candidates"] == 2
+    assert row["base_bytes"] < row["dense_base_bytes"] and row["base_frozen"] is True
+    assert row["rank_fraction_min"] == pytest.approx(4 / 32)  # the rank-4 layer
+
+
+@pytest.mark.skipif(not HAVE_PEFT, reason="peft not installed (pip install peft)")
+def test_lora_counts_only_the_base_layers(toy, monkeypatch):
+    row = _run(toy, "lora", monkeypatch, "--steps", "2", "--delta-rank", "3")
+    assert row["base_layers"] == 2 and row["base_bytes"] == row["dense_base_bytes"] and row["base_frozen"] is True
+    assert row["trainable"] == 3 * (32 + 32) + 3 * (32 + 8) + 18
+
+
+def test_batches_that_run_out_are_an_error(toy, monkeypatch):
+    monkeypatch.setenv("TOY_BATCHES", "2")
+    with pytest.raises(RuntimeError, match="ended after 2 steps, expected --steps 4"):
+        _run(toy, "head", monkeypatch, "--steps", "4")
+
+
+def test_unknown_method_is_an_error(toy):
+    with pytest.raises(ValueError, match="method: expected one of"):
+        _frontend.prepare_method("dora", None, None)
+    spec = dict(script="x.py", description="", methods=("full", "head"), default_lr={"full": 1e-3}, head_lr=1e-2,
+                setup=toy.setup, title=str, notes=lambda rows: [], base_label="base")
+    with pytest.raises(ValueError, match=r"default_lr: .* missing \['head'\]"):
+        _frontend.FrontEnd(**spec)
+    with pytest.raises(ValueError, match="defaults: expected keys among"):
+        _frontend.FrontEnd(**{**spec, "default_lr": {"full": 1e-3, "head": 1e-3}, "defaults": {"step": 3}})
+
+
+# ------------------------------------------------------------------------------------------------
+# pieces
+# ------------------------------------------------------------------------------------------------
+def test_schedule_warms_up_then_decays_to_zero():
+    f = _frontend.warmup_linear_decay(20)  # 2 warm-up steps
+    assert [f(s) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert f(11) == pytest.approx(9 / 18) and f(19) == pytest.approx(1 / 18) and f(20) == 0.0
+    g = _frontend.warmup_linear_decay(3)  # at least one warm-up step
+    assert [g(s) for s in (0, 1, 2)] == [1.0, 1.0, 0.5]
+
+
+def test_table_formatting():
+    row = {"method": "m", "ppl": 12.345, "trainable": 1234567, "base_bytes": 2**20, "dense_base_bytes": 2**21,
+           "base_frozen": True, "total_param_bytes": 3 * 2**20, "peak_rss_mib": 100.4,
+           "train_peak_rss_mib": float("nan"), "s_per_step": 0.12345, "lr": 0.0005}
+    metric = _frontend.Metric("ppl", "perplexity", lambda v: f"{v:.1f}")
+    head, rule, line = _frontend.method_table([row], "base (MiB)", metric)
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert [c.strip() for c in head.strip("|").split("|")][:2] == ["method", "perplexity"]
+    assert cells == ["m", "12.3", "1,234,567", "1.00 frozen (0.500x dense)", "3.00", "100", "n/a", "0.123",
+                     "0.0005"]
+    assert set(rule) == {"|", "-"} and len(rule) == len(head) == len(line)
