@@ -149,6 +149,8 @@ def test_accounting_errors_name_the_argument():
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc/self/clear_refs")
 def test_peak_rss_reset_forgets_an_earlier_peak():
     memory_worker.trim_heap()
+    if not memory_worker.reset_peak_rss():  # start from this process's current size, not an earlier test's peak
+        pytest.skip("this kernel does not allow resetting the peak RSS")
     base = memory_worker.hwm_bytes()
     big = torch.ones(64 * 2 ** 20 // 4 * 4)   # 256 MiB, touched
     assert memory_worker.hwm_bytes() >= base + 200 * 2 ** 20
@@ -164,7 +166,7 @@ def test_tensor_bytes_counts_shared_tensors_once():
     assert memory_worker.tensor_bytes([t, t, None, torch.zeros(3, dtype=torch.float16)]) == 86
 
 
-def test_ci_plan_runs_every_pass_and_method_and_default_has_issue3_shapes():
+def test_ci_plan_runs_every_pass_and_method_and_default_has_the_llama_shapes():
     ci = {p: shapes.cases("ci", ["reference", "cpp"], p) for p in shapes.PASSES}
     for p, cs in ci.items():
         assert {"dense+lora", "reference", "cpp", "rebuild"} <= {c.method for c in cs if not c.skip}, p
