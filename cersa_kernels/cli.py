@@ -2,6 +2,14 @@
 
     cersa-kernels plan [MODEL] [--energy 0.9 0.93 0.95] [--budget 0.8] [--max-rank R]
                        [--rank-multiple M] [--target REGEX] [--exclude REGEX] [--png energy.png]
+    cersa-kernels convert SOURCE OUT.safetensors [--energy 0.93 | --budget B | --rank R]
+                       [--target-modules NAME ...] [--exclude NAME ...] [--device cpu|cuda]
+                       [--delta-rank K] [--max-shard-size MIB] [--no-progress]
+
+``convert`` is the streaming conversion of ``cersa_kernels.stream.convert_file``: SOURCE (a
+.safetensors file or a transformers model folder, single or sharded) is read one weight at a
+time and OUT is written as it is made, in the format ``cersa_kernels.load`` reads; the model is
+never built.
 
 ``plan`` loads a model, prints the per-layer rank and memory table that ``cersa_kernels.convert``
 would produce for each energy (and for a budget), without changing anything, and writes a PNG of
@@ -140,7 +148,54 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--png", default="cersa_plan.png", help="where to write the plot (default cersa_plan.png; "
                                                             "'' for none)")
     pl.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    cv = sub.add_parser("convert", help="stream a checkpoint into a cersa_kernels file, one weight at a time",
+                        description="Convert a safetensors checkpoint (a file, or a transformers folder with "
+                                    "config.json and single or sharded safetensors) into a cersa_kernels model "
+                                    "file without building the model: each targeted 2-D weight is decomposed "
+                                    "as it is read, every other tensor is copied through, and the output is "
+                                    "written as it is made (cersa_kernels.load reads it).")
+    cv.add_argument("source", help="a .safetensors file or a transformers model folder")
+    cv.add_argument("out", help="the .safetensors file to write (plus numbered pieces when it is large)")
+    cv.add_argument("--energy", type=_positive_fraction, default=None, metavar="TAU",
+                    help="retained energy fraction of each weight (default 0.93)")
+    cv.add_argument("--budget", type=_positive, default=None,
+                    help="fraction of the dense frozen parameters to keep, allocated across layers "
+                         "(reads every target weight twice)")
+    cv.add_argument("--rank", type=int, default=None, help="one explicit rank for every weight")
+    cv.add_argument("--target-modules", nargs="+", default=None, metavar="NAME",
+                    help="module names, dotted suffixes or globs to convert (default: every supported layer)")
+    cv.add_argument("--exclude", nargs="+", default=None, metavar="NAME", help="names / suffixes / globs to leave out")
+    cv.add_argument("--device", default="cpu", help="where the SVDs run: cpu (default) or cuda")
+    cv.add_argument("--delta-rank", type=int, default=16, help="rank k of the trainable delta (default 16)")
+    cv.add_argument("--max-frozen-ratio", type=float, default=1.0,
+                    help="layers whose rank would store >= this x m n stay dense (default 1.0; 0 disables)")
+    cv.add_argument("--max-shard-size", type=_positive, default=256, metavar="MIB",
+                    help="MiB per output piece, the most of the output held in memory (default 256)")
+    cv.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cv.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p
+
+
+def _convert(args) -> int:
+    from .stream import convert_file
+
+    if sum(v is not None for v in (args.energy, args.budget, args.rank)) > 1:
+        print("cersa-kernels convert: give one of --energy, --budget and --rank", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        res = convert_file(args.source, args.out, energy=args.energy if args.energy is not None else 0.93,
+                           budget=args.budget, rank=args.rank, target_modules=args.target_modules,
+                           exclude=args.exclude, device=args.device, delta_rank=args.delta_rank,
+                           max_frozen_ratio=args.max_frozen_ratio if args.max_frozen_ratio > 0 else None,
+                           max_shard_size=int(args.max_shard_size * 2**20), progress=not args.no_progress)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"cersa-kernels convert: {exc}", file=sys.stderr)
+        return 2
+    print(res)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             plot_plan(p, args.png, title=f"{os.path.basename(str(args.model).rstrip('/'))}: cumulative energy")
             print(f"wrote {args.png}")
         return 0
+    if args.command == "convert":
+        return _convert(args)
     return 2  # pragma: no cover
 
 

@@ -4,28 +4,71 @@
 layers (``targets.collect``: the layer registry decides per module), chooses the ranks
 (``planning.layer_ranks``, the same policy ``plan`` shows), decomposes every targeted layer first
 and swaps them in only when all succeeded, so an error leaves the model exactly as it was.
+What a layer carries besides its weights goes with it both ways (``targets.carry_over``: forward,
+forward-pre and backward hooks, training mode; merge gives back the converted module's own class
+and attributes and the fast paths convert turned off).  Decompositions draw random numbers
+(randomized SVD, Kaiming rows of the delta) from a generator seeded by the layer's name
+(``seeded``), never from the global RNG.
 """
 from __future__ import annotations
 
+import contextlib
+import zlib
+
+import torch
 from torch import nn
 
 from .config import CersaConfig
-from .layers import CersaModule
-from .planning import keeps_dense, layer_ranks
+from .layers import CersaModule, is_cersa
+from .planning import _policy_summary, keeps_dense, layer_ranks
 from .report import ConversionReport, record_of
-from .targets import cersa_modules, collect, set_module
+from .targets import (attach_skeleton, carry_over, cersa_modules, collect, disable_fast_paths, module_names,
+                      refused_hooks, restore_dense, restore_fast_paths, set_module, unwrap)
 
-__all__ = ["convert", "merge"]
+__all__ = ["convert", "merge", "seeded", "layer_seed", "config_from_keywords"]
 
 
-def _disable_fast_paths(model: nn.Module) -> None:
-    """PyTorch's fused inference paths of nn.TransformerEncoder(Layer) read raw weights (linear1.weight,
-    self_attn.in_proj_weight, ...) that CERSA layers do not have: turn them off where a CERSA layer sits."""
-    for mod in model.modules():
-        if isinstance(mod, nn.TransformerEncoderLayer) and any(isinstance(c, CersaModule) for c in mod.modules()):
-            mod.activation_relu_or_gelu = False  # only read by the fast-path check
-        if isinstance(mod, nn.TransformerEncoder) and any(isinstance(c, CersaModule) for c in mod.modules()):
-            mod.use_nested_tensor = False
+def layer_seed(name: str) -> int:
+    """The seed of the random numbers a layer's decomposition draws: CRC-32 of its dotted name, so
+    the same weight under the same name gets the same factors in every run, whatever the global seed
+    (``convert`` and the streaming ``stream.convert_file`` agree)."""
+    return zlib.crc32(name.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def seeded(name: str, device: torch.device | str | None = None):
+    """Within the block, the default generator of the CPU (and of ``device`` when it is a CUDA
+    device) starts from ``layer_seed(name)``; on exit both are as they were before (torch.random.fork_rng):
+    the global random state is neither used nor advanced."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        seed = layer_seed(name)
+        torch.default_generator.manual_seed(seed)
+        for idx in cuda:
+            torch.cuda.default_generators[idx].manual_seed(seed)
+        yield
+
+
+def config_from_keywords(energy, rank, budget, config: CersaConfig | None, options: dict) -> CersaConfig:
+    """The CersaConfig of ``convert``'s keyword face: the default energy gives way to rank= or
+    budget=; ``config`` fields are overridden by the keywords given.  Raises as CersaConfig."""
+    options = dict(options)
+    if budget is not None:
+        if rank is not None:
+            raise ValueError(f"budget: give either budget= or rank=, got budget={budget!r} and rank={rank!r}")
+        options.update(budget=budget, energy=None, rank=None)
+    elif rank is not None:
+        options.update(rank=rank, energy=None)
+    elif config is None or energy != 0.93:
+        options.update(energy=energy)
+    return CersaConfig.make(config, **options)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    p = next(iter(module.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def convert(model: nn.Module, energy: float | None = 0.93, *, rank: int | None = None, budget: float | None = None,
@@ -72,10 +115,23 @@ def convert(model: nn.Module, energy: float | None = 0.93, *, rank: int | None =
     max_frozen_ratio: a layer is converted only when its stored numbers r(m + n + 1) are below
       max_frozen_ratio * m n; otherwise it stays dense and is reported (None converts every layer).
     progress: a tqdm bar with the current layer's name as postfix.
-    After the call only the deltas A, B (and S or bias when asked) of converted layers require
-    grad; every other parameter of the model is frozen.  Converting twice changes nothing.
+    After the first conversion of a model only the deltas A, B (and S or bias when asked) of
+    converted layers require grad; every other parameter of the model is frozen.  A later call on a
+    model that already holds CERSA layers sets only the flags of the layers it builds: converting
+    twice changes nothing, including flags the user set in between.
+    What a replaced module carries besides its weights: its forward, forward-pre and full backward
+    hooks move to the CERSA layer (the same hook tables: the user's handles still remove them), it
+    keeps the training mode; a module with state-dict hooks is refused (ValueError naming the layer
+    and the hook).  A module registered under several names is replaced by one CERSA layer under all
+    of them.  A layer whose weight is tied to another module's (an output head sharing the input
+    embedding), a subclass that overrides forward and a module with a forward set on the instance
+    stay dense and are reported with the reason.  Wrapped models (torch.compile, DDP, FSDP1) are
+    converted inside their wrapper, with the wrapper-free names.
+    Random numbers (randomized SVD probes, Kaiming rows of the delta) come from a generator seeded
+    by each layer's name (``seeded``): the global RNG is untouched and the factors are the same
+    whatever the global seed.
     PyTorch's fused inference fast paths of nn.TransformerEncoder(Layer) are turned off where a
-    CERSA layer sits inside (they read raw weights).
+    CERSA layer sits inside (they read raw weights); ``merge`` turns them back on.
     The report (``get_report(model)`` or ``model.cersa_report``) lists every candidate layer.
     All decompositions run before any module is swapped: on any error the model is unchanged.
     Raises TypeError/ValueError naming the argument or the layer.
@@ -84,18 +140,15 @@ def convert(model: nn.Module, energy: float | None = 0.93, *, rank: int | None =
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    # the keyword face: the default energy gives way to rank= or budget=
-    if budget is not None:
-        if rank is not None:
-            raise ValueError(f"budget: give either budget= or rank=, got budget={budget!r} and rank={rank!r}")
-        options.update(budget=budget, energy=None, rank=None)
-    elif rank is not None:
-        options.update(rank=rank, energy=None)
-    elif config is None or energy != 0.93:
-        options.update(energy=energy)
-    config = CersaConfig.make(config, **options)
+    outer, model = model, unwrap(model)
+    config = config_from_keywords(energy, rank, budget, config, options)
     report = ConversionReport(energy=config.energy)
+    first = not cersa_modules(model)
     todo, names = collect(model, target_modules, exclude, report)
+    for name, mod, _ in todo:
+        why = refused_hooks(mod, name)
+        if why:
+            raise ValueError(f"model: {why}")
     budgeted = config.budget is not None
     bar = tqdm(total=len(todo) * (2 if budgeted else 1), desc="CERSA convert", unit="layer",
                disable=not progress or not todo)
@@ -110,11 +163,18 @@ def convert(model: nn.Module, energy: float | None = 0.93, *, rank: int | None =
 
     built: list[tuple[str, nn.Module]] = []
     try:
-        ranks, policy = layer_ranks(todo, config, progress=plan_tick if budgeted else None)
+        if budgeted:  # spectra of every layer first (no random numbers: singular values)
+            ranks, policy = layer_ranks(todo, config, progress=plan_tick)
+        else:  # a per-layer policy: each layer's ranks under its own seed, as stream.convert_file does
+            ranks, policy = [], _policy_summary(config)
+            for item in todo:
+                with seeded(item[0], _device_of(item[1])):
+                    ranks.append(layer_ranks([item], config)[0][0])
         report.policy = policy
         for (name, mod, cls), rk in zip(todo, ranks):
             bar.set_postfix_str(name, refresh=False)
-            new = cls.from_dense(mod, config, ranks=rk, name=name)
+            with seeded(name, _device_of(mod)):
+                new = cls.from_dense(mod, config, ranks=rk, name=name)
             bar.update(1)
             rec = record_of(name, new)
             trunc = new.stored_numbers()[0]
@@ -130,38 +190,56 @@ def convert(model: nn.Module, energy: float | None = 0.93, *, rank: int | None =
     finally:
         bar.close()
     # Phase 2: swap and freeze (a module registered under several names is replaced under each).
-    aliases: dict[int, list[str]] = {}
-    for n, mod in model.named_modules(remove_duplicate=False):
-        if n:
-            aliases.setdefault(id(mod), []).append(n)
+    aliases = module_names(model)
     modules = dict(model.named_modules())
     for name, new in built:
-        for alias in aliases.get(id(modules[name]), [name]):
+        old = modules[name]
+        carry_over(old, new)
+        attach_skeleton(new, old)
+        for alias in aliases.get(id(old), [name]):
             set_module(model, alias, new)
-    _disable_fast_paths(model)
-    cersa_params = set()
-    for mod in model.modules():
-        if isinstance(mod, CersaModule):
-            cersa_params.update(id(p) for p in mod.parameters() if p.requires_grad)
-    for p in model.parameters():
-        if id(p) not in cersa_params:
-            p.requires_grad_(False)
+    disable_fast_paths(model, is_cersa)
+    if first and built:
+        cersa_params = {id(p) for mod in model.modules() if isinstance(mod, CersaModule)
+                        for p in mod.parameters() if p.requires_grad}
+        for p in model.parameters():
+            if id(p) not in cersa_params:
+                p.requires_grad_(False)
     order = {n: i for i, n in enumerate(names)}
     report.layers.sort(key=lambda l: order.get(l.name, 0))
     model.cersa_report = report
-    return model
+    if outer is not model:
+        outer.__dict__["cersa_report"] = report
+    return outer
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Replace every CERSA layer by the dense layer it computes (``layer.merge()``: nn.Linear, a
-    Conv1D with its (in, out) layout, nn.Conv2d with the same hyper-parameters, or
-    nn.MultiheadAttention), in place; returns the model.  The merged weight U diag(S) Vh + scale B A
-    is formed in float32 or higher and rounded once to the layer's dtype."""
+    """Replace every CERSA layer by the dense layer it computes, in place; returns the model.
+
+    Each layer's ``merge()`` gives the dense tensors (nn.Linear, a Conv1D with its (in, out) layout,
+    nn.Conv{1,2,3}d with the same hyper-parameters, nn.MultiheadAttention); the module put back is
+    of the class that was converted (an nn.Linear subclass stays that subclass, built without calling
+    its __init__, with its other attributes), with the same bias=False-ness, the CERSA layer's
+    call hooks and training mode, under every name the layer is registered under (one module for a
+    shared one).  Fast paths that convert turned off come back where no CERSA layer is left.  The
+    merged weight U diag(S) Vh + scale B A is formed in float32 or higher and rounded once to the
+    layer's dtype.  Raises TypeError for a CERSA layer itself, ValueError (naming the layer and the
+    hook) for a layer with state-dict hooks (the model is then unchanged)."""
     if isinstance(model, CersaModule):
         raise TypeError("model: expected a model containing CERSA layers, got a CERSA layer itself; "
                         "call layer.merge() instead")
-    for name, mod in cersa_modules(model).items():
-        set_module(model, name, mod.merge())
-    if hasattr(model, "cersa_report"):
-        del model.cersa_report
-    return model
+    outer, model = model, unwrap(model)
+    layers = cersa_modules(model)
+    for name, mod in layers.items():
+        why = refused_hooks(mod, name)
+        if why:
+            raise ValueError(f"model: {why}")
+    aliases = module_names(model)
+    merged = {name: restore_dense(mod, mod.merge()) for name, mod in layers.items()}
+    for name, mod in layers.items():
+        for alias in aliases.get(id(mod), [name]):
+            set_module(model, alias, merged[name])
+    restore_fast_paths(model, is_cersa)
+    for m in (model, outer):
+        m.__dict__.pop("cersa_report", None)
+    return outer

@@ -60,7 +60,7 @@ class CersaLinear(CersaLayer):
             directions that carry most of W's energy, as PiSSA; k(m + n + 1) fewer frozen numbers).
             Delta rows beyond r (or for zero singular values) are initialised as in "lora".
             "lora": A kaiming-uniform (a = sqrt(5), as nn.Linear and PEFT), B zero; frozen = all r.
-            Both give, at init, exactly the rank-r truncation of W (docs/design.md "Inits").
+            Both give, at init, exactly the rank-r truncation of W (docs/design.md "Initialisation").
           train_S / train_bias: make S / bias trainable (they are frozen otherwise).
           svd: "full" | "randomized" | "auto", see ``cersa_kernels.decompose.truncated_svd``.
         The SVD runs in float32 (float64 for float64 weights) on the weight's device; every tensor
@@ -101,10 +101,10 @@ class CersaLinear(CersaLayer):
 # transformers' Conv1D (GPT-2): weight stored (in, out)
 # ----------------------------------------------------------------------------------------------
 def is_hf_conv1d(module: nn.Module) -> bool:
-    """True for transformers' Conv1D (GPT-2 style: attributes nf, nx, weight (nx, nf)), detected by
-    class name and attributes so that transformers need not be imported."""
+    """True for transformers' Conv1D or a subclass of it (GPT-2 style: attributes nf, nx, weight
+    (nx, nf)), detected by class name and attributes so that transformers need not be imported."""
     w = getattr(module, "weight", None)
-    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+    return (any(c.__name__ == "Conv1D" for c in type(module).__mro__) and hasattr(module, "nf") and hasattr(module, "nx")
             and isinstance(w, Tensor) and w.dim() == 2 and tuple(w.shape) == (module.nx, module.nf))
 
 
@@ -144,6 +144,10 @@ class CersaConv1D(CersaLinear):
 
     @classmethod
     def unsupported_reason(cls, module: nn.Module) -> str:
+        # the base Conv1D is the last class of that name in the MRO (transformers need not be imported)
+        base = [c for c in type(module).__mro__ if c.__name__ == "Conv1D"][-1]
+        if type(module).forward is not base.forward:
+            return f"{type(module).__name__} overrides Conv1D.forward; replacing it would lose that behaviour"
         return ""
 
     @classmethod
