@@ -25,9 +25,10 @@ from .report import ConversionReport, ParamCount, count_parameters, get_report  
 from .planning import Plan, plan  # noqa: E402
 from .convert import convert, merge  # noqa: E402
 from .io import load, load_adapter, save, save_adapter  # noqa: E402
+from .stream import convert_file  # noqa: E402
 
 __all__ = ["__version__", "available_backends", "energy_rank", "truncated_svd", "cersa_linear", "CersaConfig",
            "CersaModule", "CersaLayer", "CersaLinear", "CersaConv1D", "CersaConv1d", "CersaConv2d", "CersaConv3d",
            "CersaMultiheadAttention",
            "register_layer", "ConversionReport", "ParamCount", "Plan", "plan", "convert", "count_parameters",
-           "get_report", "merge", "load", "load_adapter", "save", "save_adapter"]
+           "get_report", "merge", "load", "load_adapter", "save", "save_adapter", "convert_file"]

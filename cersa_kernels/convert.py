@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import CersaConfig
 from .layers import CersaModule, is_cersa
-from .planning import _policy_summary, keeps_dense, layer_ranks
+from .planning import policy_summary, keeps_dense, layer_ranks
 from .report import ConversionReport, record_of
 from .targets import (attach_skeleton, carry_over, cersa_modules, collect, disable_fast_paths, module_names,
                       refused_hooks, restore_dense, restore_fast_paths, set_module, unwrap)
@@ -166,7 +166,7 @@ def convert(model: nn.Module, energy: float | None = 0.93, *, rank: int | None =
         if budgeted:  # spectra of every layer first (no random numbers: singular values)
             ranks, policy = layer_ranks(todo, config, progress=plan_tick)
         else:  # a per-layer policy: each layer's ranks under its own seed, as stream.convert_file does
-            ranks, policy = [], _policy_summary(config)
+            ranks, policy = [], policy_summary(config)
             for item in todo:
                 with seeded(item[0], _device_of(item[1])):
                     ranks.append(layer_ranks([item], config)[0][0])

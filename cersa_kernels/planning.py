@@ -3,7 +3,7 @@
 ``layer_ranks`` gives each candidate's per-matrix ranks under a CersaConfig (None: the energy rank,
 found by the decomposition itself); ``keeps_dense`` says whether a layer of a rank stays dense;
 ``plan(model, ...)`` shows the ranks and sizes for several energies or a budget without changing the
-model, through the same functions.  Math: docs/design.md "Rank policy".
+model, through the same functions.  Math: docs/design.md "Rank policies".
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from .decompose import (allocate_budget, check_energy, check_rank, energy_rank, 
 from .report import ConversionReport, LayerRecord
 from .targets import collect
 
-__all__ = ["Plan", "plan", "layer_ranks", "keeps_dense", "energy_rank_fraction"]
+__all__ = ["Plan", "plan", "layer_ranks", "keeps_dense", "budget_ranks", "policy_summary", "energy_rank_fraction"]
 
 
 def keeps_dense(stored: int, dense: int, max_frozen_ratio) -> bool:
@@ -56,7 +56,8 @@ def _resolve_svd(svd: str, p: int, energy) -> str:
     return "randomized" if p >= AUTO_RANDOMIZED_MIN_DIM and (energy is None or energy < 1.0) else "full"
 
 
-def _policy_summary(config: CersaConfig) -> dict:
+def policy_summary(config: CersaConfig) -> dict:
+    """The rank-policy fields of ``config`` the report shows (budget, max_rank, rank_multiple, svd)."""
     return {"budget": config.budget, "max_rank": config.max_rank, "rank_multiple": config.rank_multiple,
             "svd": config.svd}
 
@@ -66,8 +67,10 @@ def _energy_ranks(spectra, shapes, energy, config: CersaConfig) -> list[int]:
             for S, (m, n) in zip(spectra, shapes)]
 
 
-def _budget_ranks(spectra, shapes, config: CersaConfig):
-    """(ranks, summary) of a budget allocation, compared with one energy for every layer at the same size."""
+def budget_ranks(spectra, shapes, config: CersaConfig):
+    """(allocation, summary) of config.budget over the layers (spectra: all singular values of each
+    matrix, shapes: their (m, n)); the summary compares it with one energy for every layer at the
+    same size."""
     caps = [_budget_cap(m, n, config.max_frozen_ratio, config.max_rank, config.rank_multiple) for m, n in shapes]
     alloc = allocate_budget(spectra, shapes, config.budget, caps=caps, multiple=config.rank_multiple)
     tau, uranks, ustored = uniform_energy_for_budget(spectra, shapes, alloc.stored, caps=caps,
@@ -84,7 +87,7 @@ def layer_ranks(todo, config: CersaConfig, progress=None) -> tuple[list[list[int
     """Per candidate (name, module, layer class) of ``targets.collect``, the ranks of its matrices
     (None: let the decomposition find the energy rank), and the policy summary for the report.
     progress: called with each matrix's name when its spectrum is computed."""
-    policy = _policy_summary(config)
+    policy = policy_summary(config)
     mats = [[W for _, W in cls.matrices(mod)] for _, mod, cls in todo]
     if config.rank is not None:
         for (name, _, _), Ws in zip(todo, mats):
@@ -111,7 +114,7 @@ def layer_ranks(todo, config: CersaConfig, progress=None) -> tuple[list[list[int
                  truncated_svd(W, energy=config.energy, where=name, svd="randomized")[3].rank)
             ranks.append(round_rank(r, min(m, n), cap=config.max_rank, multiple=config.rank_multiple))
     else:
-        alloc, summary = _budget_ranks(spectra, shapes, config)
+        alloc, summary = budget_ranks(spectra, shapes, config)
         ranks = alloc.ranks
         policy.update(summary)
     out, i = [], 0
@@ -229,7 +232,7 @@ def plan(model: nn.Module, energies=(0.93,), *, budget: float | None = None, max
         pols[label] = {}
     if budget is not None:
         label = f"budget {budget:g}"
-        alloc, summary = _budget_ranks(S_list, shapes, base)
+        alloc, summary = budget_ranks(S_list, shapes, base)
         settings.append(label)
         ranks[label] = alloc.ranks
         ens[label] = alloc.energies

@@ -28,7 +28,7 @@ from .config import CersaConfig
 from .convert import config_from_keywords, seeded
 from .decompose import singular_values
 from .io import ShardedWriter, model_metadata
-from .planning import _budget_ranks, _policy_summary, keeps_dense, layer_ranks
+from .planning import budget_ranks, keeps_dense, layer_ranks, policy_summary
 from .report import ConversionReport, LayerRecord, record_of
 from .targets import collect
 
@@ -312,8 +312,8 @@ def convert_file(source, out, energy: float | None = 0.93, *, rank: int | None =
         return real.to(dev)
 
     total = sum(src.nbytes(k) for k in src.keys)
-    policy = _policy_summary(config)
-    budget_ranks = None
+    policy = policy_summary(config)
+    allocated = None
     if config.budget is not None and jobs:
         spectra, shapes = [], []
         for name, mod, cls, keys in tqdm(jobs, desc="CERSA spectra", unit="layer", disable=not progress):
@@ -322,12 +322,12 @@ def convert_file(source, out, energy: float | None = 0.93, *, rank: int | None =
                 spectra.append(singular_values(W, name))
                 shapes.append(tuple(W.shape))
             del real
-        alloc, summary = _budget_ranks(spectra, shapes, config)
+        alloc, summary = budget_ranks(spectra, shapes, config)
         policy.update(summary)
-        budget_ranks, i = [], 0
+        allocated, i = [], 0
         for _, mod, cls, _ in jobs:
             k = len(cls.matrices(mod))
-            budget_ranks.append(alloc.ranks[i:i + k])
+            allocated.append(alloc.ranks[i:i + k])
             i += k
     report.policy = policy
 
@@ -350,8 +350,8 @@ def convert_file(source, out, energy: float | None = 0.93, *, rank: int | None =
                 name, mod, cls, keys = jobs[j]
                 bar.set_postfix_str(name, refresh=False)
                 real = materialise(mod, keys)
-                if budget_ranks is not None:
-                    ranks = budget_ranks[j]
+                if allocated is not None:
+                    ranks = allocated[j]
                 else:
                     with seeded(name, dev):
                         ranks = layer_ranks([(name, real, cls)], config)[0][0]
