@@ -87,22 +87,35 @@ class _SecondDerivativeRefused(torch.autograd.Function):
 
 
 class _QuantizedFactorsFunction(torch.autograd.Function):
-    """cersa_linear with U and / or Vh stored quantized (docs/design.md "Quantized factors"): each is
-    dequantized for the call, in forward and again in backward, and never saved, so no dense factor
-    outlives the call; quantized factors are frozen (no dU / dVh).  ``u_spec`` / ``vh_spec``: None for a
+    """cersa_linear with U and / or Vh stored quantized (docs/design.md "Quantized factors");
+    quantized factors are frozen (no dU / dVh) and only their codes and scales are saved.
+
+    ``fused`` (both factors quantized in one format, and the backend has quantized kernels for the
+    device, ``has_quantized_kernels``): the codes and scales go to the backend's
+    ``forward_quantized`` / ``backward_quantized``, whose kernels decode panels of the factors (a
+    buffer of bounded size) inside their schedule and never form a dense factor tensor.  Otherwise each quantized factor is
+    dequantized for the call, in forward and again in backward (a transient tensor, never saved),
+    and the backend's dense forward / backward run on it.  ``u_spec`` / ``vh_spec``: None for a
     dense factor, else (shape, quant_type, block_size) of its codes and float32 block scales."""
 
     @staticmethod
-    def forward(ctx, backend, scale, u_spec, vh_spec, x, U, u_codes, u_scales, S, Vh, vh_codes, vh_scales, A, B,
-                bias):
+    def forward(ctx, backend, scale, fused, u_spec, vh_spec, x, U, u_codes, u_scales, S, Vh, vh_codes, vh_scales,
+                A, B, bias):
         need = ctx.needs_input_grad
         has_delta = A is not None
-        needs = effective_needs((need[4], need[5], need[8], need[9], need[12], need[13],
-                                 need[14] and bias is not None), has_delta)
-        Ud = U if u_spec is None else dequantize(u_codes, u_scales, *u_spec, x.dtype)
-        Vhd = Vh if vh_spec is None else dequantize(vh_codes, vh_scales, *vh_spec, x.dtype)
-        y, h_k, xv = load_backend(backend).forward(x, Ud, S, Vhd, A, B, bias, scale, needs[1] or needs[2])
-        ctx.backend, ctx.scale, ctx.specs, ctx.needs = backend, scale, (u_spec, vh_spec), needs
+        needs = effective_needs((need[5], need[6], need[9], need[10], need[13], need[14],
+                                 need[15] and bias is not None), has_delta)
+        mod = load_backend(backend)
+        if fused:  # U and Vh quantized, so needs[1] (dU) and needs[3] (dVh) are false
+            (m, _), quant_type, block_size = u_spec
+            shape = (m, vh_spec[0][1])
+            y, h_k, xv = mod.forward_quantized(x, u_codes, u_scales, S, vh_codes, vh_scales, A, B, bias, shape,
+                                               quant_type, block_size, scale, needs[2])
+        else:
+            Ud = U if u_spec is None else dequantize(u_codes, u_scales, *u_spec, x.dtype)
+            Vhd = Vh if vh_spec is None else dequantize(vh_codes, vh_scales, *vh_spec, x.dtype)
+            y, h_k, xv = mod.forward(x, Ud, S, Vhd, A, B, bias, scale, needs[1] or needs[2])
+        ctx.backend, ctx.scale, ctx.fused, ctx.specs, ctx.needs = backend, scale, fused, (u_spec, vh_spec), needs
         ctx.save_for_backward(x if (needs[3] or needs[4]) else None, h_k if needs[5] else None, xv, U, u_codes,
                               u_scales, S, Vh, vh_codes, vh_scales, A, B)
         return y
@@ -112,13 +125,29 @@ class _QuantizedFactorsFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, h_k, xv, U, u_codes, u_scales, S, Vh, vh_codes, vh_scales, A, B = ctx.saved_tensors
         u_spec, vh_spec = ctx.specs
-        if not any(ctx.needs):
-            return (None,) * 15
-        Ud = U if u_spec is None else dequantize(u_codes, u_scales, *u_spec, dy.dtype)
-        Vhd = Vh if vh_spec is None else dequantize(vh_codes, vh_scales, *vh_spec, dy.dtype)
-        dx, dU, dS, dVh, dA, dB, dbias = load_backend(ctx.backend).backward(dy, x, h_k, xv, Ud, S, Vhd, A, B,
-                                                                            ctx.scale, ctx.needs)
-        return (None, None, None, None, dx, dU, None, None, dS, dVh, None, None, dA, dB, dbias)
+        needs = ctx.needs
+        if not any(needs):
+            return (None,) * 16
+        mod = load_backend(ctx.backend)
+        if ctx.fused:
+            (m, _), quant_type, block_size = u_spec
+            dx, dS, dA, dB, dbias = mod.backward_quantized(
+                dy, x, h_k, xv, u_codes, u_scales, S, vh_codes, vh_scales, A, B, (m, vh_spec[0][1]), quant_type,
+                block_size, ctx.scale, (needs[0], needs[2], needs[4], needs[5], needs[6]))
+            dU = dVh = None
+        else:
+            Ud = U if u_spec is None else dequantize(u_codes, u_scales, *u_spec, dy.dtype)
+            Vhd = Vh if vh_spec is None else dequantize(vh_codes, vh_scales, *vh_spec, dy.dtype)
+            dx, dU, dS, dVh, dA, dB, dbias = mod.backward(dy, x, h_k, xv, Ud, S, Vhd, A, B, ctx.scale, needs)
+        return (None, None, None, None, None, dx, dU, None, None, dS, dVh, None, None, dA, dB, dbias)
+
+
+@torch.compiler.assume_constant_result
+def _has_quantized_kernels(name: str, device_type: str) -> bool:
+    """Whether backend ``name`` has kernels for quantized factors on ``device_type`` tensors (the
+    optional contract of ``cersa_kernels.backends``)."""
+    probe = getattr(load_backend(name), "has_quantized_kernels", None)
+    return probe is not None and bool(probe(device_type))
 
 
 def _apply_quantized(name: str, scale: float, x, U, S, Vh, A, B, bias):
@@ -127,10 +156,13 @@ def _apply_quantized(name: str, scale: float, x, U, S, Vh, A, B, bias):
             return (F.shape, F.quant_type, F.block_size), None, F.codes, F.scales()
         return None, F, None, None
 
+    fused = (isinstance(U, QuantizedMatrix) and isinstance(Vh, QuantizedMatrix)
+             and U.quant_type == Vh.quant_type and U.block_size == Vh.block_size
+             and _has_quantized_kernels(name, x.device.type))
     u_spec, Ut, u_codes, u_scales = parts(U)
     vh_spec, Vht, vh_codes, vh_scales = parts(Vh)
-    return _QuantizedFactorsFunction.apply(name, scale, u_spec, vh_spec, x, Ut, u_codes, u_scales, S, Vht, vh_codes,
-                                           vh_scales, A, B, bias)
+    return _QuantizedFactorsFunction.apply(name, scale, fused, u_spec, vh_spec, x, Ut, u_codes, u_scales, S, Vht,
+                                           vh_codes, vh_scales, A, B, bias)
 
 
 def _apply(name: str, scale: float, x, U, S, Vh, A, B, bias):
@@ -148,8 +180,10 @@ def cersa_linear(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None =
 
     Shapes: x (..., n); U (m, r); S (r,); Vh (r, n); A (k, n); B (m, k); bias (m,) -> y (..., m).
     U and Vh may also be ``cersa_kernels.quant.QuantizedMatrix`` (int8 / NF4 codes with block
-    scales, frozen): they are then dequantized to the compute dtype inside the call, in forward and
-    again in backward, never saved (docs/design.md "Quantized factors").
+    scales, frozen): they are then decoded to the compute dtype inside the call, in forward and
+    again in backward, and never saved: panel by panel inside the kernels when the backend has
+    quantized kernels for the device ("cpp", "cuda") and both factors share one format, else as a whole
+    factor for the call (docs/design.md "Quantized factors").
     r, k and the leading dimensions of x may be 0.  A and B are given together or not at all.
     dtypes: all tensors share x's floating dtype (float32, float16, bfloat16, float64).  Under
     torch.autocast for x's device, every tensor is cast to the autocast dtype first (the casts are

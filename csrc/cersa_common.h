@@ -37,6 +37,8 @@ inline const char* dtype_name(at::ScalarType t) {
     case at::kDouble: return "torch.float64";
     case at::kHalf: return "torch.float16";
     case at::kBFloat16: return "torch.bfloat16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
     default: return c10::toString(t);
   }
 }
@@ -58,23 +60,17 @@ inline void check_size(const char* name, const at::Tensor& t, int64_t d, int64_t
               " (", meaning, "), got shape ", shape_str(t));
 }
 
-// Checks the factors shared by forward and backward; returns (m, r, n, k).
-inline void check_factors(const at::Tensor& like, const at::Tensor& U, const at::Tensor& S,
-                          const at::Tensor& Vh, const std::optional<at::Tensor>& A,
-                          const std::optional<at::Tensor>& B, int64_t& m, int64_t& r,
-                          int64_t& n, int64_t& k) {
+// x's dtype must be one the kernels compute in.
+inline void check_compute_dtype(const at::Tensor& like) {
   auto st = like.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
               "cersa: x: expected dtype torch.float32, torch.float64, torch.float16 or torch.bfloat16, got ",
               dtype_name(st));
-  check_tensor("U", U, 2, like);
-  check_tensor("S", S, 1, like);
-  check_tensor("Vh", Vh, 2, like);
-  m = U.size(0);
-  r = U.size(1);
-  n = Vh.size(1);
-  check_size("S", S, 0, r, "rank = U.size(1)");
-  check_size("Vh", Vh, 0, r, "rank = U.size(1)");
+}
+
+// Checks the delta A (k, n), B (m, k) (both or neither); sets k (0 without a delta).
+inline void check_delta(const at::Tensor& like, const std::optional<at::Tensor>& A,
+                        const std::optional<at::Tensor>& B, int64_t m, int64_t n, int64_t& k) {
   TORCH_CHECK(present(A) == present(B), "cersa: A and B: expected both or neither, got A ",
               present(A) ? "given" : "None", " and B ", present(B) ? "given" : "None");
   k = 0;
@@ -86,6 +82,23 @@ inline void check_factors(const at::Tensor& like, const at::Tensor& U, const at:
     check_size("B", *B, 0, m, "out_features = U.size(0)");
     check_size("B", *B, 1, k, "delta_rank = A.size(0)");
   }
+}
+
+// Checks the factors shared by forward and backward; returns (m, r, n, k).
+inline void check_factors(const at::Tensor& like, const at::Tensor& U, const at::Tensor& S,
+                          const at::Tensor& Vh, const std::optional<at::Tensor>& A,
+                          const std::optional<at::Tensor>& B, int64_t& m, int64_t& r,
+                          int64_t& n, int64_t& k) {
+  check_compute_dtype(like);
+  check_tensor("U", U, 2, like);
+  check_tensor("S", S, 1, like);
+  check_tensor("Vh", Vh, 2, like);
+  m = U.size(0);
+  r = U.size(1);
+  n = Vh.size(1);
+  check_size("S", S, 0, r, "rank = U.size(1)");
+  check_size("Vh", Vh, 0, r, "rank = U.size(1)");
+  check_delta(like, A, B, m, n, k);
 }
 
 // `t` itself when BLAS can read it in place (a unit stride in one dimension and a leading

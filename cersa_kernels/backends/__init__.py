@@ -50,6 +50,30 @@ A backend may also expose
     wrapping forward/backward in its Python ``torch.autograd.Function``: the "cpp" and "cuda"
     backends do, with the autograd in C++ (csrc/cersa_autograd.cpp), so that no Python runs
     in their backward.
+
+and the kernels for quantized frozen factors (docs/design.md "Quantized factors"), all three or
+none:
+
+``has_quantized_kernels(device_type: str) -> bool``
+    Whether the two functions below run on tensors of this device type.  Where they do not (or a
+    backend lacks them), ``cersa_kernels.ops`` decodes each quantized factor for the call and uses
+    forward / backward.
+
+``forward_quantized(x, U_codes, U_scales, S, Vh_codes, Vh_scales, A, B, bias, shape, quant_type,
+block_size, scale, save_xv) -> (y, h_k, xv)``
+    forward's results with U (m, r) and Vh (r, n) given as the codes and float32 block scales of
+    ``cersa_kernels.quant.QuantizedMatrix`` (codes: int8 (m r,) / (r n,) for quant_type "int8",
+    packed uint8 (ceil(m r / 2),) / (ceil(r n / 2),) for "nf4"; scales: ``QuantizedMatrix.scales()``,
+    (ceil(numel / block_size),), double quantization already resolved); shape = (m, n); r =
+    S.shape[0]; both factors in one format.  The factors are decoded inside the kernels, never as a
+    whole factor in a new tensor: the numbers are exactly those of ``QuantizedMatrix.dequantize``
+    in x's dtype.
+
+``backward_quantized(dy, x, h_k, xv, U_codes, U_scales, S, Vh_codes, Vh_scales, A, B, shape,
+quant_type, block_size, scale, needs) -> (dx, dS, dA, dB, dbias)``
+    backward's gradients without dU / dVh (quantized factors are frozen); needs: 5 bools for
+    (x, S, A, B, bias); None where not needed.  x is read only for dA, h_k only for dB, xv only
+    for dS.
 """
 from __future__ import annotations
 

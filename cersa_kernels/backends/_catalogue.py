@@ -7,7 +7,16 @@ A kernel backend (the C++/CUDA extension's ``cersa::`` ops, the Triton backend's
     linear_backward(dy, x?, h_k?, xv?, U, S, Vh, A?, B?, scale, needs[7])
         -> (dx, dU, dS, dVh, dA, dB, dbias)
 
-and, optionally, a differentiable ``linear(x, U, S, Vh, A?, B?, bias?, scale) -> y``.  An op
+and, optionally, a differentiable ``linear(x, U, S, Vh, A?, B?, bias?, scale) -> y`` and the two
+kernels with quantized frozen factors (docs/design.md "Quantized factors")::
+
+    linear_forward_q(x, U_codes, U_scales, S, Vh_codes, Vh_scales, A?, B?, bias?,
+                     out_features, in_features, quant_type, block_size, scale, save_xv) -> (y, h_k, xv)
+    linear_backward_q(dy, x?, h_k?, xv?, U_codes, U_scales, S, Vh_codes, Vh_scales, A?, B?,
+                      out_features, in_features, quant_type, block_size, scale, needs[5])
+        -> (dx, dS, dA, dB, dbias)
+
+(U, Vh frozen: no dU / dVh; needs = (x, S, A, B, bias)).  An op
 schema cannot return None, so an output the op does not compute is an empty tensor: h_k is (N, 0)
 without a delta, xv is (N, 0) unless save_xv, and a gradient that is not needed is (0,).  This module
 holds, once for every backend: the output shapes (the fake kernels torch.compile traces with), the
@@ -22,11 +31,14 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["GRADIENTS", "sizes", "effective_needs", "forward_fake", "backward_fake", "linear_fake",
-           "kernel_contract"]
+__all__ = ["GRADIENTS", "QUANT_GRADIENTS", "sizes", "effective_needs", "effective_needs_q", "forward_fake",
+           "backward_fake", "linear_fake", "forward_q_fake", "backward_q_fake", "kernel_contract",
+           "quantized_contract"]
 
 #: the order of the gradients (and of the ``needs`` flags) of linear_backward.
 GRADIENTS = ("x", "U", "S", "Vh", "A", "B", "bias")
+#: the order of the gradients (and of the ``needs`` flags) of linear_backward_q (U, Vh frozen).
+QUANT_GRADIENTS = ("x", "S", "A", "B", "bias")
 
 
 def sizes(U: Tensor, Vh: Tensor, A: Tensor | None) -> tuple[int, int, int, int]:
@@ -43,6 +55,17 @@ def effective_needs(needs: Sequence[bool], has_delta: bool) -> tuple[bool, ...]:
     flags = [bool(v) for v in needs]
     flags[4] = flags[4] and has_delta
     flags[5] = flags[5] and has_delta
+    return tuple(flags)
+
+
+def effective_needs_q(needs: Sequence[bool], has_delta: bool) -> tuple[bool, ...]:
+    """The 5 flags (x, S, A, B, bias) of linear_backward_q as bools, with dA and dB off when there is
+    no delta.  Raises ValueError for a sequence that is not of length 5."""
+    if len(needs) != len(QUANT_GRADIENTS):
+        raise ValueError(f"needs: expected {len(QUANT_GRADIENTS)} flags {QUANT_GRADIENTS}, got {len(needs)}")
+    flags = [bool(v) for v in needs]
+    flags[2] = flags[2] and has_delta
+    flags[3] = flags[3] and has_delta
     return tuple(flags)
 
 
@@ -78,6 +101,29 @@ def backward_fake(dy, x, h_k, xv, U, S, Vh, A, B, scale, needs):
     return tuple((dy if t is None else t).new_empty(s if f else (0,)) for t, s, f in zip(like, shapes, flags))
 
 
+def forward_q_fake(x, U_codes, U_scales, S, Vh_codes, Vh_scales, A, B, bias, out_features, in_features,
+                   quant_type, block_size, scale, save_xv):
+    """Output shapes of linear_forward_q: y (N, out_features), h_k (N, k), xv (N, r) or (N, 0), with
+    r = S.shape[0]."""
+    r, k = S.shape[0], (A.shape[0] if A is not None else 0)
+    _check_rows(x, in_features, "x")
+    N = x.shape[0]
+    return x.new_empty((N, out_features)), x.new_empty((N, k)), x.new_empty((N, r if save_xv else 0))
+
+
+def backward_q_fake(dy, x, h_k, xv, U_codes, U_scales, S, Vh_codes, Vh_scales, A, B, out_features, in_features,
+                    quant_type, block_size, scale, needs):
+    """Output shapes of linear_backward_q: (dx, dS, dA, dB, dbias), each in its tensor's shape and
+    dtype, (0,) when not needed."""
+    _check_rows(dy, out_features, "dy")
+    r, k = S.shape[0], (A.shape[0] if A is not None else 0)
+    flags = effective_needs_q(needs, A is not None)
+    N = dy.shape[0]
+    like = (dy, S, A, B, dy)
+    shapes = ((N, in_features), (r,), (k, in_features), (out_features, k), (out_features,))
+    return tuple((dy if t is None else t).new_empty(s if f else (0,)) for t, s, f in zip(like, shapes, flags))
+
+
 def kernel_contract(forward_op: Callable, backward_op: Callable) -> tuple[Callable, Callable]:
     """The backend contract's ``forward`` and ``backward`` around two kernel ops with the signatures
     above (the op results' empty tensors become None).  Returns (forward, backward)."""
@@ -96,3 +142,31 @@ def kernel_contract(forward_op: Callable, backward_op: Callable) -> tuple[Callab
         return tuple(g if f else None for g, f in zip(grads, flags))
 
     return forward, backward
+
+
+def quantized_contract(forward_op: Callable, backward_op: Callable) -> tuple[Callable, Callable]:
+    """The optional contract functions ``forward_quantized`` and ``backward_quantized`` (see
+    ``cersa_kernels.backends``) around the two quantized-factor kernel ops above (their empty
+    tensors become None).  Returns (forward_quantized, backward_quantized)."""
+
+    def forward_quantized(x: Tensor, U_codes: Tensor, U_scales: Tensor, S: Tensor, Vh_codes: Tensor,
+                          Vh_scales: Tensor, A: Tensor | None, B: Tensor | None, bias: Tensor | None,
+                          shape: tuple[int, int], quant_type: str, block_size: int, scale: float, save_xv: bool):
+        """y (N, m), h_k (N, k) or None, xv (N, r) or None: see ``cersa_kernels.backends``."""
+        m, n = shape
+        y, h_k, xv = forward_op(x, U_codes, U_scales, S, Vh_codes, Vh_scales, A, B, bias, int(m), int(n),
+                                str(quant_type), int(block_size), float(scale), bool(save_xv))
+        return y, (h_k if A is not None else None), (xv if save_xv else None)
+
+    def backward_quantized(dy: Tensor, x: Tensor | None, h_k: Tensor | None, xv: Tensor | None, U_codes: Tensor,
+                           U_scales: Tensor, S: Tensor, Vh_codes: Tensor, Vh_scales: Tensor, A: Tensor | None,
+                           B: Tensor | None, shape: tuple[int, int], quant_type: str, block_size: int, scale: float,
+                           needs: Sequence[bool]):
+        """(dx, dS, dA, dB, dbias) with None where not needed: see ``cersa_kernels.backends``."""
+        m, n = shape
+        flags = effective_needs_q(needs, A is not None)
+        grads = backward_op(dy, x, h_k, xv, U_codes, U_scales, S, Vh_codes, Vh_scales, A, B, int(m), int(n),
+                            str(quant_type), int(block_size), float(scale), list(flags))
+        return tuple(g if f else None for g, f in zip(grads, flags))
+
+    return forward_quantized, backward_quantized

@@ -7,6 +7,14 @@ The extension (built by setup.py from csrc/) defines, through TORCH_LIBRARY::
         -> (dx, dU, dS, dVh, dA, dB, dbias)
     cersa::linear(x, U, S, Vh, A?, B?, bias?, scale) -> y
         (differentiable: its autograd, in C++, calls the two kernels above)
+    cersa::linear_forward_q(x, U_codes, U_scales, S, Vh_codes, Vh_scales, A?, B?, bias?,
+                            out_features, in_features, quant_type, block_size, scale, save_xv)
+        -> (y, h_k, xv)
+    cersa::linear_backward_q(dy, x?, h_k?, xv?, U_codes, U_scales, S, Vh_codes, Vh_scales, A?, B?,
+                             out_features, in_features, quant_type, block_size, scale, needs[5])
+        -> (dx, dS, dA, dB, dbias)
+        (U and Vh as int8 / NF4 codes with float32 block scales, frozen: docs/design.md
+        "Quantized factors")
 
 with CPU kernels in ``cersa_kernels._C`` and CUDA kernels in ``cersa_kernels._C_cuda``
 (docs/design.md "Forward"/"Backward"; signatures and output shapes in
@@ -57,7 +65,13 @@ else:
                           "backend is off.", RuntimeWarning, stacklevel=2)
 
 
+#: whether the loaded extension defines the quantized-factor ops (one built from older sources does not).
+HAS_QUANTIZED: bool = CPU_ERROR is None and hasattr(torch.ops.cersa, "linear_forward_q")
+
 if CPU_ERROR is None:
     torch.library.register_fake("cersa::linear_forward")(_catalogue.forward_fake)
     torch.library.register_fake("cersa::linear")(_catalogue.linear_fake)
     torch.library.register_fake("cersa::linear_backward")(_catalogue.backward_fake)
+if HAS_QUANTIZED:
+    torch.library.register_fake("cersa::linear_forward_q")(_catalogue.forward_q_fake)
+    torch.library.register_fake("cersa::linear_backward_q")(_catalogue.backward_q_fake)

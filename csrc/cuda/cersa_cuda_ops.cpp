@@ -8,6 +8,8 @@
 //     with beta = 1).
 //   * the S scaling, the xv copy, the dS / dbias reductions and dU's column scaling in raw
 //     kernels (cersa_kernels.cu, plain pointers, compiled by nvcc without torch headers).
+// The quantized-factor ops (linear_forward_q / linear_backward_q) run the same schedule with the
+// factor GEMMs over panels decoded by the raw kernel dequantize_panel (see below).
 // This file is host code compiled by the C++ compiler; it only launches.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -111,12 +113,147 @@ void backward_cuda(BackwardPlan& p) {
   if (p.do_dB) aten_gemm_into(p.dB, dy.t(), *p.h_k, 1.0, false);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Quantized frozen factors (cersa::linear_forward_q / linear_backward_q; docs/design.md
+// "Quantized factors").  The CPU schedule's panels (cpu/cersa_cpu_quant.cpp) over all N rows at
+// once: each GEMM that reads a factor runs over panels of its rows or columns, each decoded by the
+// raw kernel dequantize_panel into one reused buffer in the compute dtype and fed to cuBLAS; each
+// panel writes its own block of output columns with the whole inner dimension.  With no blocks of
+// rows every panel is decoded once per call.
+// ---------------------------------------------------------------------------------------------
+
+// Numbers per decoded panel (16 MiB in fp32): LLaMA-7B factors at 25 % rank are one to three panels.
+constexpr int64_t kGpuPanelElems = int64_t{1} << 22;
+
+// The panels of a quantized factor along its rows (panel i: rows [start(i), start(i) + size(i)),
+// a row-major (size, cols) matrix) or its columns (a row-major (rows, size) matrix).
+class GpuPanels {
+ public:
+  GpuPanels(const QuantFactor& F, bool by_rows, const at::TensorOptions& opts)
+      : F_(F), by_rows_(by_rows), opts_(opts) {
+    extent_ = by_rows ? F.rows : F.cols;
+    other_ = by_rows ? F.cols : F.rows;
+    const int64_t count = std::max<int64_t>(1, (extent_ * other_ + kGpuPanelElems - 1) / kGpuPanelElems);
+    width_ = std::max<int64_t>(1, std::min(extent_, (extent_ + count - 1) / count));
+    count_ = extent_ == 0 ? 0 : (extent_ + width_ - 1) / width_;
+  }
+  int64_t count() const { return count_; }
+  int64_t start(int64_t i) const { return i * width_; }
+  int64_t size(int64_t i) const { return std::min(width_, extent_ - i * width_); }
+
+  // Panel i, decoded into the buffer (which the previous panel's GEMM has read: one stream).
+  Tensor get(int64_t i) {
+    if (!buf_.defined()) buf_ = at::empty({std::max<int64_t>(1, width_ * other_)}, opts_);
+    const int64_t s = size(i), c0 = start(i);
+    const int64_t rows_p = by_rows_ ? s : F_.rows, cols_p = by_rows_ ? F_.cols : s;
+    check_cuda(cersa_cuda::dequantize_panel(
+                   dtype_of(buf_), F_.type, F_.codes.const_data_ptr(),
+                   F_.scales.const_data_ptr<float>(), F_.block_shift, F_.cols, by_rows_ ? c0 : 0,
+                   rows_p, by_rows_ ? 0 : c0, cols_p, buf_.data_ptr(), cols_p,
+                   at::cuda::getCurrentCUDAStream()),
+               "dequantize_panel");
+    return buf_.narrow(0, 0, rows_p * cols_p).view({rows_p, cols_p});
+  }
+
+ private:
+  const QuantFactor& F_;
+  const bool by_rows_;
+  const at::TensorOptions opts_;
+  int64_t extent_ = 0, other_ = 0, width_ = 1, count_ = 0;
+  Tensor buf_;
+};
+
+// The forward schedule over a checked plan (../cersa_plan.h): forward_cuda's, with panels of Vh's
+// rows (columns of h_r) and of U's rows (columns of y).
+void forward_q_cuda(QuantForwardPlan& p) {
+  c10::cuda::CUDAGuard guard(p.x.device());
+  const Tensor& x = p.x;
+  const int64_t N = p.N, m = p.m, r = p.r, k = p.k;
+  Tensor h = at::empty({N, r + k}, p.opts);  // [x Vh^T -> (x Vh^T) diag S | s x A^T]
+  Tensor h_r = h.narrow(1, 0, r), h_k = h.narrow(1, r, k);
+  if (N == 0) return;
+  if (r > 0) {
+    GpuPanels vh(*p.Vh, /*by_rows=*/true, p.opts);
+    for (int64_t i = 0; i < vh.count(); ++i) {
+      Tensor out = h_r.narrow(1, vh.start(i), vh.size(i));
+      aten_gemm_into(out, x, vh.get(i).t(), 1.0, false);
+    }
+  }
+  if (k > 0) aten_gemm_into(h_k, x, p.A->t(), p.scale, false);
+  void* xv_p = p.save_xv ? p.xv.data_ptr() : nullptr;
+  check_cuda(cersa_cuda::forward_epilogue(dtype_of(x), h.data_ptr(), r + k, N, r,
+                                          p.S.const_data_ptr(), xv_p, r,
+                                          at::cuda::getCurrentCUDAStream()),
+             "forward_epilogue");
+  if (p.has_bias) p.y.copy_(p.bias->expand({N, m}));
+  if (r > 0) {  // y[:, panel] (+)= h_r U[panel, :]^T
+    GpuPanels u(*p.U, /*by_rows=*/true, p.opts);
+    for (int64_t i = 0; i < u.count(); ++i) {
+      Tensor out = p.y.narrow(1, u.start(i), u.size(i));
+      aten_gemm_into(out, h_r, u.get(i).t(), 1.0, p.has_bias);
+    }
+  }
+  if (k > 0) {
+    aten_gemm_into(p.y, h_k, p.B->t(), 1.0, p.has_bias || r > 0);
+    p.h_k.copy_(h_k);
+  }
+  if (r == 0 && k == 0 && !p.has_bias) p.y.zero_();
+}
+
+// The backward schedule over a checked plan (../cersa_plan.h): backward_cuda's without dU / dVh,
+// with panels of U's columns (columns of dh_r) and of Vh's columns (columns of dx).
+void backward_q_cuda(QuantBackwardPlan& p) {
+  c10::cuda::CUDAGuard guard(p.dy.device());
+  const Tensor& dy = p.dy;
+  const int64_t N = p.N, m = p.m, r = p.r, rr = p.rr, kk = p.kk;
+  auto stream = at::cuda::getCurrentCUDAStream();
+
+  Tensor dh = at::empty({N, rr + kk}, p.opts);  // [dy U -> (dy U) diag S | s dy B]
+  Tensor dh_r = dh.narrow(1, 0, rr), dh_k = dh.narrow(1, rr, kk);
+  if (N > 0) {
+    if (rr > 0) {
+      GpuPanels u(*p.U, /*by_rows=*/false, p.opts);
+      for (int64_t i = 0; i < u.count(); ++i) {
+        Tensor out = dh_r.narrow(1, u.start(i), u.size(i));
+        aten_gemm_into(out, dy, u.get(i), 1.0, false);
+      }
+    }
+    if (kk > 0) aten_gemm_into(dh_k, dy, *p.B, p.scale, false);
+  }
+  const int64_t er = (p.want_dS || p.scale_dh) ? r : 0;
+  const int64_t em = p.need_bias ? m : 0;
+  Tensor ws = at::empty(
+      {static_cast<int64_t>(cersa_cuda::backward_workspace_bytes(dtype_of(dy), N, er, em))},
+      p.opts.dtype(at::kByte));
+  check_cuda(cersa_cuda::backward_epilogue(
+                 dtype_of(dy), dh.data_ptr(), rr + kk, N, er, p.S.const_data_ptr(), p.scale_dh,
+                 p.want_dS ? p.xv_c.const_data_ptr() : nullptr, r, dy.const_data_ptr(),
+                 dy.stride(0), dy.stride(1), m, p.want_dS ? p.dS.data_ptr() : nullptr,
+                 p.need_bias ? p.dbias.data_ptr() : nullptr, ws.data_ptr(), stream),
+             "backward_epilogue");
+  if (p.need_x && N > 0) {  // dx = (dh_r diag S) Vh + s dh_k A
+    if (rr > 0) {
+      GpuPanels vh(*p.Vh, /*by_rows=*/false, p.opts);
+      for (int64_t i = 0; i < vh.count(); ++i) {
+        Tensor out = p.dx.narrow(1, vh.start(i), vh.size(i));
+        aten_gemm_into(out, dh_r, vh.get(i), 1.0, false);
+      }
+    }
+    if (kk > 0) aten_gemm_into(p.dx, dh_k, *p.A, 1.0, rr > 0);
+    if (rr == 0 && kk == 0) p.dx.zero_();
+  }
+  if (p.do_dA) aten_gemm_into(p.dA, dh_k.t(), *p.x, 1.0, false);
+  if (p.do_dB) aten_gemm_into(p.dB, dy.t(), *p.h_k, 1.0, false);
+}
+
 }  // namespace
 }  // namespace cersa
 
 TORCH_LIBRARY_IMPL(cersa, CUDA, m) {
   m.impl("linear_forward", &cersa::forward_op<cersa::forward_cuda>);
   m.impl("linear_backward", &cersa::backward_op<cersa::backward_cuda>);
+  m.impl("linear_forward_q", &cersa::forward_q_op<cersa::forward_q_cuda>);
+  m.impl("linear_backward_q", &cersa::backward_q_op<cersa::backward_q_cuda>);
 }
 
 static struct PyModuleDef cersa_cuda_module = {PyModuleDef_HEAD_INIT, "_C_cuda",

@@ -104,6 +104,33 @@ __global__ void scale_columns_kernel(T* __restrict__ a, int64_t lda, int64_t row
   for (int64_t i = blockIdx.y; i < rows; i += gridDim.y) a[i * lda + j] = from_acc<T>(to_acc(a[i * lda + j]) * s);
 }
 
+// The NF4 levels (../cersa_quant_format.h), in constant memory.
+__constant__ float kNF4Device[16] = CERSA_NF4_LEVELS;
+
+// grid-stride over the rows_p * cols_p numbers of a panel, one number per thread.
+template <typename T>
+__global__ void dequantize_panel_kernel(bool nf4, const void* __restrict__ codes,
+                                        const float* __restrict__ scales, int block_shift,
+                                        int64_t cols, int64_t row0, int64_t rows_p, int64_t col0,
+                                        int64_t cols_p, T* __restrict__ dst, int64_t ldd) {
+  const int64_t total = rows_p * cols_p;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += stride) {
+    const int64_t i = e / cols_p, j = e - i * cols_p;
+    const int64_t f = (row0 + i) * cols + col0 + j;
+    const float s = scales[f >> block_shift];
+    float v;
+    if (nf4) {
+      const unsigned c = static_cast<const uint8_t*>(codes)[f >> 1];
+      v = kNF4Device[(f & 1) ? (c >> 4) : (c & 15u)] * s;
+    } else {
+      v = static_cast<float>(static_cast<const int8_t*>(codes)[f]) / 127.0f * s;  // IEEE division
+    }
+    dst[i * ldd + j] = from_acc<T>(static_cast<typename Acc<T>::type>(v));
+  }
+}
+
 inline unsigned col_blocks(int64_t cols) { return static_cast<unsigned>((cols + kThreads - 1) / kThreads); }
 inline unsigned row_grid(int64_t rows) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(rows, 1024)));
@@ -175,6 +202,23 @@ cudaError_t backward_epilogue(DType dtype, void* dh, int64_t lddh, int64_t N, in
         want_db, part, rows_per);
     backward_finish_kernel<T><<<col_blocks(r + m), kThreads, 0, stream>>>(
         part, blocks, r, m, static_cast<T*>(dS), static_cast<T*>(dbias));
+  });
+}
+
+cudaError_t dequantize_panel(DType dtype, cersa::quant::QuantType quant_type, const void* codes,
+                             const float* scales, int block_shift, int64_t cols, int64_t row0,
+                             int64_t rows_p, int64_t col0, int64_t cols_p, void* dst, int64_t ldd,
+                             cudaStream_t stream) {
+  const int64_t total = rows_p * cols_p;
+  if (total == 0) return cudaSuccess;
+  const bool nf4 = quant_type == cersa::quant::QuantType::NF4;
+  const unsigned grid =
+      static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535));
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dequantize_panel_kernel<T><<<grid, kThreads, 0, stream>>>(nf4, codes, scales, block_shift,
+                                                             cols, row0, rows_p, col0, cols_p,
+                                                             static_cast<T*>(dst), ldd);
   });
 }
 

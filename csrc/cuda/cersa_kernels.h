@@ -11,6 +11,8 @@
 
 #include <cuda_runtime.h>
 
+#include "../cersa_quant_format.h"
+
 namespace cersa_cuda {
 
 enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
@@ -34,6 +36,17 @@ cudaError_t backward_epilogue(DType dtype, void* dh, int64_t lddh, int64_t N, in
                               const void* S, bool scale_dh, const void* xv, int64_t ldxv,
                               const void* dy, int64_t dy_s0, int64_t dy_s1, int64_t m,
                               void* dS, void* dbias, void* workspace, cudaStream_t stream);
+
+// A panel of a quantized frozen factor F (docs/design.md "Quantized factors"; the format in
+// ../cersa_quant_format.h): dst[i * ldd + j] = F[row0 + i, col0 + j] for i < rows_p, j < cols_p,
+// decoded in float32 exactly as quant.dequantize does (int8: q / 127.0f times the block scale;
+// nf4: the level times the scale) and rounded to `dtype`.  F has `cols` columns; its number
+// (row, col) is the flat index row * cols + col of `codes` (int8, or packed uint8 for nf4: low
+// nibble first) and of the float32 `scales`, one per block of 2^block_shift numbers.
+cudaError_t dequantize_panel(DType dtype, cersa::quant::QuantType quant_type, const void* codes,
+                             const float* scales, int block_shift, int64_t cols, int64_t row0,
+                             int64_t rows_p, int64_t col0, int64_t cols_p, void* dst, int64_t ldd,
+                             cudaStream_t stream);
 
 // a[i, j] *= S[j] for i < rows, j < cols (dU = (dy^T xv) diag S).
 cudaError_t scale_columns(DType dtype, void* a, int64_t lda, int64_t rows, int64_t cols,
