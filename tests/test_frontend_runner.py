@@ -4,8 +4,10 @@ The toy front end (written to a temporary file, so --compare can run it as a scr
 MLP on seeded synthetic data; its first layer has rank 4, so CERSA converts it.  Checked: each method
 runs in its own process, the table's columns and JSON results, STEPS from the environment, the
 number of batches a run consumes, the learning-rate schedule, the measured fields, the base-weight
-accounting of dense / LoRA / CERSA layers, and the errors (a failing method, batches that run out,
-an unknown method).
+accounting of dense / LoRA / CERSA layers (CERSA factors stored as int8 / NF4 codes, QLoRA's NF4
+weights: counted from the shapes, independently of the storage classes), the method variants and
+the --quantize / --double-quant options, and the errors (a failing method, batches that run out,
+an unknown method, storage options that no method uses).
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ sys.path.insert(0, str(PYTHON_DIR))
 import _frontend  # noqa: E402
 
 HAVE_PEFT = importlib.util.find_spec("peft") is not None
+HAVE_BNB = importlib.util.find_spec("bitsandbytes") is not None
+needs_qlora = pytest.mark.skipif(not (HAVE_PEFT and HAVE_BNB), reason="qlora needs peft and bitsandbytes "
+                                 "(pip install --no-deps bitsandbytes==0.50.2 numpy packaging)")
 processes = pytest.mark.slow(reason="starts Python processes that import torch, one per method (~10-20 s on 2 cores)")
 
 TOY = '''
@@ -208,3 +213,138 @@ def test_table_formatting():
     assert cells == ["m", "12.3", "1,234,567", "1.00 frozen (0.500x dense)", "3.00", "100", "n/a", "0.123",
                      "0.0005"]
     assert set(rule) == {"|", "-"} and len(rule) == len(head) == len(line)
+
+
+# ------------------------------------------------------------------------------------------------
+# factor storage: cersa-int8 / cersa-nf4, --quantize / --double-quant, qlora
+# ------------------------------------------------------------------------------------------------
+def _blockwise_bytes(numel, bits, double_quant, block=64):
+    """Bytes of ``numel`` numbers as blockwise codes of ``bits`` bits (rounded up to whole bytes) plus
+    one float32 absmax per block, or with double quantization one int8 code per block, a float32
+    scale per 256 blocks and one float32 mean."""
+    blocks = -(-numel // block)
+    scales = blocks + 4 * -(-blocks // 256) + 4 if double_quant else 4 * blocks
+    return -(-numel * bits // 8) + scales
+
+
+def _toy_body(seed=0):
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    body = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 8))
+    with torch.no_grad():
+        qa = torch.linalg.qr(torch.randn(32, 4, generator=g))[0]
+        qb = torch.linalg.qr(torch.randn(32, 4, generator=g))[0]
+        body[0].weight.copy_(qa @ qb.T / 2)
+    return body
+
+
+def _args(toy, *argv):
+    parser = _frontend.build_parser(toy.FRONT_END)
+    args = parser.parse_args(["--quiet", *argv])
+    os.environ.pop("STEPS", None)
+    _frontend.check_args(toy.FRONT_END, parser, args)
+    return parser, args
+
+
+@pytest.mark.parametrize("method,bits", [("cersa-int8", 8), ("cersa-nf4", 4)])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_quantized_cersa_counts_codes_and_scales(toy, method, bits, double_quant):
+    import cersa_kernels
+    from torch import nn
+
+    _, args = _args(toy, "--method", method, *(["--double-quant"] if double_quant else []))
+    body, extra = _frontend.prepare_method(method, _toy_body(), args)
+    assert extra["quantize"] == method.split("-")[1] and extra["double_quant"] is double_quant
+    layers = [m for m in body.modules() if isinstance(m, cersa_kernels.layers.CersaLayer)]
+    dense = [m for m in body.modules() if type(m) is nn.Linear]
+    assert layers and len(layers) + len(dense) == 2
+    for m in layers:
+        assert isinstance(m.U, cersa_kernels.quant.QuantizedMatrix) and m.U.quant_type == extra["quantize"]
+    expected = sum(_blockwise_bytes(m.out_features * m.frozen_rank, bits, double_quant)
+                   + _blockwise_bytes(m.frozen_rank * m.in_features, bits, double_quant) + 4 * m.frozen_rank
+                   for m in layers) + sum(4 * m.weight.numel() for m in dense)
+    count, nbytes, trainable = _frontend.base_weights(body)
+    assert (count, nbytes, trainable) == (2, expected, False)
+    # the same layers unquantized store 4 bytes a number
+    _, plain_args = _args(toy, "--method", "cersa")
+    plain, plain_extra = _frontend.prepare_method("cersa", _toy_body(), plain_args)
+    assert plain_extra["quantize"] == "none" and _frontend.base_weights(plain)[1] > nbytes
+
+
+def test_quantize_option_sets_cersa_storage(toy, monkeypatch):
+    import cersa_kernels
+
+    row = _run(toy, "cersa", monkeypatch, "--steps", "2", "--quantize", "int8")
+    assert row["quantize"] == "int8" and row["double_quant"] is False and row["base_frozen"] is True
+    assert row["base_bytes"] < row["dense_base_bytes"]
+    row_nf4 = _run(toy, "cersa-nf4", monkeypatch, "--steps", "2", "--double-quant")
+    assert row_nf4["quantize"] == "nf4" and row_nf4["double_quant"] is True
+    assert row_nf4["base_bytes"] < row["base_bytes"]
+    assert row_nf4["lr"] == toy.FRONT_END.default_lr["cersa"]  # a variant trains at its base's rate
+    assert cersa_kernels.quant.QUANT_TYPES == ("int8", "nf4")
+    table = _frontend.format_table(toy.FRONT_END, [row, row_nf4])
+    assert "| cersa-nf4" in table and "cersa-nf4 U, Vh as nf4 + double quant" in table
+    assert "cersa U, Vh as int8 (" in table
+
+
+@needs_qlora
+def test_qlora_counts_the_packed_nf4_weights(toy):
+    import torch
+
+    _, args = _args(toy, "--method", "qlora", "--delta-rank", "3")
+    body, extra = _frontend.prepare_method("qlora", _toy_body(), args)
+    assert extra["quantize"] == "nf4" and extra["double_quant"] is True
+    expected = _blockwise_bytes(32 * 32, 4, True) + _blockwise_bytes(8 * 32, 4, True)
+    assert _frontend.base_weights(body) == (2, expected, False)
+    lora = {n: p for n, p in body.named_parameters() if p.requires_grad}
+    assert lora and all("lora_" in n for n in lora)
+    assert sum(p.numel() for p in lora.values()) == 3 * (32 + 32) + 3 * (32 + 8)
+    scale = {m.scaling["default"] for m in body.modules() if hasattr(m, "scaling") and m.scaling}
+    assert scale == {1.0}  # lora_alpha = rank, as lora
+    # a training step (train mode: bitsandbytes' CPU inference path repacks weights in blocks of 64
+    # input features, which this 32-feature toy does not have; the BBC front end runs qlora end to end)
+    body.train()
+    body(torch.randn(5, 32)).square().sum().backward()
+    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in lora.values())
+    assert _frontend.base_weights(body) == (2, expected, False)
+    assert toy.FRONT_END.lr_for("qlora") == toy.FRONT_END.default_lr["lora"]
+
+
+def test_variants_are_offered_and_storage_options_forwarded(toy):
+    assert toy.FRONT_END.choices == ("cersa", "lora", "full", "head", "cersa-int8", "cersa-nf4", "qlora")
+    assert _frontend.method_base("cersa-nf4") == "cersa" and _frontend.method_base("qlora") == "lora"
+    parser, args = _args(toy, "--methods", "cersa", "cersa-int8", "cersa-nf4", "lora", "qlora",
+                         "--quantize", "nf4", "--double-quant")
+    argv = {m: _frontend.child_argv(toy.FRONT_END, parser, args, m, f"{m}.json") for m in args.methods}
+    assert argv["cersa"][argv["cersa"].index("--quantize") + 1] == "nf4" and "--double-quant" in argv["cersa"]
+    for m in ("cersa-int8", "cersa-nf4"):
+        assert "--quantize" not in argv[m] and "--double-quant" in argv[m]
+    for m in ("lora", "qlora"):
+        assert "--quantize" not in argv[m] and "--double-quant" not in argv[m]
+    # each child's command line passes the child's own checks
+    for m, a in argv.items():
+        child = parser.parse_args(a[2:])
+        _frontend.check_args(toy.FRONT_END, parser, child)
+        assert child.method == m
+    # a front end without cersa gets no storage options
+    spec = dict(script="x.py", description="", methods=("lora", "full"), default_lr={"lora": 1e-3, "full": 1e-3},
+                head_lr=1e-2, setup=toy.setup, title=str, notes=lambda rows: [], base_label="base")
+    fe = _frontend.FrontEnd(**spec)
+    assert fe.choices == ("lora", "full", "qlora") and fe.lr_for("qlora") == 1e-3
+    assert "--quantize" not in _frontend.build_parser(fe).format_help()
+
+
+def test_storage_options_without_a_method_using_them_are_errors(toy, capsys):
+    for argv, msg in ((["--method", "lora", "--quantize", "nf4"], "--quantize nf4 sets the factor storage"),
+                      (["--methods", "lora", "full", "--double-quant"], "--double-quant needs a quantized"),
+                      (["--method", "cersa", "--double-quant"], "--double-quant needs a quantized"),
+                      (["--method", "cersa-int8", "--quantize", "nf4"], "--quantize: cersa-int8 stores"),
+                      (["--method", "cersa-int9"], "invalid choice")):
+        with pytest.raises(SystemExit) as exc:
+            _args(toy, *argv)
+        assert exc.value.code == 2
+        assert msg in capsys.readouterr().err
+    with pytest.raises(ValueError, match="expected a CERSA method"):
+        _frontend.cersa_quantize("lora", None)
