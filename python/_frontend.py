@@ -45,6 +45,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+# Every front end imports this module first (its own folder is on sys.path when it runs as a script, and
+# tests put it there): a source checkout without `pip install -e .` then still finds the package (an
+# installed one wins).
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)
+
 __all__ = ["FrontEnd", "Task", "Metric", "main", "run_method", "build_parser", "format_table", "prepare_method",
            "base_weights", "layer_names", "classification_loss", "rank_distribution", "format_rank_distribution",
            "warmup_linear_decay", "child_argv", "compare_in_subprocesses", "method_table", "param_stats",

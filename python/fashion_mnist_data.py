@@ -15,7 +15,12 @@ import struct
 
 import torch
 
-__all__ = ["DATA_DIR", "CLASSES", "read_idx", "load_fashion_mnist"]
+__all__ = ["DATA_DIR", "CLASSES", "IMAGENET_MEAN", "IMAGENET_STD", "read_idx", "load_fashion_mnist", "to_rgb_input",
+           "accuracy"]
+
+#: the ImageNet channel statistics the pretrained backbones were trained with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 DATA_DIR = "/usr/share/datasets/fashion-mnist"
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -50,3 +55,29 @@ def load_fashion_mnist(root: str = DATA_DIR):
                                 f"dataset-fashion-mnist, or pass --data DIR")
     return (read_idx(find("train-images-idx3-ubyte")), read_idx(find("train-labels-idx1-ubyte")).long(),
             read_idx(find("t10k-images-idx3-ubyte")), read_idx(find("t10k-labels-idx1-ubyte")).long())
+
+
+def to_rgb_input(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (B, 28, 28) -> float32 (B, 3, size, size): bilinear resize, grey to RGB, ImageNet mean/std
+    (the input of an ImageNet-pretrained backbone)."""
+    import torch.nn.functional as F
+
+    x = images.float().div(255.0)[:, None]
+    if size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x.expand(-1, 3, -1, -1) - mean) / std
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, size: int,
+             batch: int = 250) -> float:
+    """Accuracy (fraction in [0, 1]) of ``model`` on ``images`` (N, 28, 28) uint8 with ``labels`` (N,),
+    fed through :func:`to_rgb_input` in batches."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(images), batch):
+        logits = model(to_rgb_input(images[i:i + batch], size))
+        correct += int((logits.argmax(-1) == labels[i:i + batch]).sum())
+    return correct / max(1, len(images))

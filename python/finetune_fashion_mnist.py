@@ -24,22 +24,15 @@ subprocess.  Usage::
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
-if str(HERE.parent) not in sys.path:
-    sys.path.append(str(HERE.parent))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import _frontend  # noqa: E402
 import _mobilenet  # noqa: E402
 from _frontend import FrontEnd, Task, base_weights, mib, prepare_method  # noqa: E402
+import fashion_mnist_data  # noqa: E402
 from fashion_mnist_data import CLASSES, DATA_DIR, load_fashion_mnist, read_idx  # noqa: E402,F401
 
 METHODS = ("cersa", "full", "head")
@@ -49,25 +42,8 @@ DEFAULT_HEAD_LR = 3e-3
 BASE_TYPES = (nn.Conv2d, nn.Linear)
 
 
-def to_input(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (B, 28, 28) -> float (B, 3, size, size), bilinear resize, ImageNet normalisation."""
-    x = images.float().div(255.0)[:, None]
-    if size != x.shape[-1]:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    mean = torch.tensor(_mobilenet.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(_mobilenet.IMAGENET_STD).view(1, 3, 1, 1)
-    return (x.expand(-1, 3, -1, -1) - mean) / std
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, images, labels, size: int, batch: int = 256) -> float:
-    """Accuracy (fraction in [0, 1]) of ``model`` on ``images`` (N, 28, 28) uint8 with ``labels`` (N,)."""
-    model.eval()
-    correct = 0
-    for i in range(0, len(images), batch):
-        logits = model(to_input(images[i:i + batch], size))
-        correct += int((logits.argmax(-1) == labels[i:i + batch]).sum())
-    return correct / max(1, len(images))
+to_input = fashion_mnist_data.to_rgb_input
+evaluate = fashion_mnist_data.accuracy
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,11 +106,6 @@ FRONT_END = FrontEnd(
     notes=notes, base_label="conv/linear base weights (MiB)",
     defaults={"energy": 0.93, "delta_rank": 8, "steps": 200, "batch_size": 16, "log_every": 50},
     add_arguments=add_arguments, check_args=check_args, eval_what="test images")
-
-
-def format_table(rows: list[dict]) -> str:
-    """One markdown table, one row per method, plus notes defining the columns."""
-    return _frontend.format_table(FRONT_END, rows)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -34,14 +34,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
-if str(HERE.parent) not in sys.path:
-    sys.path.append(str(HERE.parent))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -161,11 +154,6 @@ FRONT_END = FrontEnd(
     defaults={"energy": 0.93, "delta_rank": 8, "steps": 150, "batch_size": 32, "log_every": 25},
     add_arguments=add_arguments, check_args=check_args, method_only={"lora_alpha": "lora"},
     child_env={"HF_HUB_OFFLINE": "1"}, eval_what="held-out tweets")
-
-
-def format_table(rows: list[dict]) -> str:
-    """One markdown table, one row per method, plus the notes that define its columns."""
-    return _frontend.format_table(FRONT_END, rows)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -49,14 +49,8 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
-if str(HERE.parent) not in sys.path:
-    sys.path.append(str(HERE.parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -79,7 +73,7 @@ TARGET_TYPES = (nn.Linear, nn.Conv2d)
 #: EDM's log-normal training distribution of sigma (Karras et al. 2022, Table 1): ln sigma ~ N(P_mean, P_std^2).
 P_MEAN, P_STD = -1.2, 1.2
 EVAL_SIGMAS = (0.1, 0.5, 2.0)
-DEFAULT_OUT = str(HERE.parent / "results" / "unet")
+DEFAULT_OUT = str(Path(__file__).resolve().parents[1] / "results" / "unet")
 
 
 def to_input(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -335,11 +329,6 @@ FRONT_END = FrontEnd(
     metric=Metric(key="mse", header="denoising MSE", fmt=lambda v: f"{v:.5f}"),
     defaults={"energy": 0.93, "delta_rank": 16, "steps": 60, "batch_size": 8, "log_every": 10},
     add_arguments=add_arguments, check_args=check_args, eval_what="test images (mean MSE over the eval sigmas)")
-
-
-def format_table(rows: list[dict]) -> str:
-    """One markdown table, one row per method, plus the notes that define its columns."""
-    return _frontend.format_table(FRONT_END, rows)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

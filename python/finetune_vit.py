@@ -34,23 +34,16 @@ import os
 # transformers / huggingface_hub never go online: the weights come from a local file.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import sys  # noqa: E402
 import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
-if str(HERE.parent) not in sys.path:
-    sys.path.append(str(HERE.parent))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import _dinov2  # noqa: E402
 import _frontend  # noqa: E402
 from _frontend import FrontEnd, Task, base_weights, layer_names, mib, prepare_method  # noqa: E402
+import fashion_mnist_data  # noqa: E402
 from fashion_mnist_data import CLASSES, DATA_DIR, load_fashion_mnist  # noqa: E402
 
 METHODS = ("cersa", "lora", "full")
@@ -79,25 +72,8 @@ class ViTClassifier(nn.Module):
         return self.head(torch.cat([h[:, 0], h[:, 1:].mean(1)], dim=-1))
 
 
-def to_input(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (B, 28, 28) -> float32 (B, 3, size, size): bilinear resize, grey to RGB, ImageNet mean/std."""
-    x = images.float().div(255.0)[:, None]
-    if size != x.shape[-1]:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    mean = torch.tensor(_dinov2.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(_dinov2.IMAGENET_STD).view(1, 3, 1, 1)
-    return (x.expand(-1, 3, -1, -1) - mean) / std
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, images, labels, size: int, batch: int = 250) -> float:
-    """Accuracy (fraction in [0, 1]) of ``model`` on ``images`` (N, 28, 28) uint8 with ``labels`` (N,)."""
-    model.eval()
-    correct = 0
-    for i in range(0, len(images), batch):
-        logits = model(to_input(images[i:i + batch], size))
-        correct += int((logits.argmax(-1) == labels[i:i + batch]).sum())
-    return correct / max(1, len(images))
+to_input = fashion_mnist_data.to_rgb_input
+evaluate = fashion_mnist_data.accuracy
 
 
 def load_backbone():
@@ -184,11 +160,6 @@ FRONT_END = FrontEnd(
     defaults={"energy": 0.93, "delta_rank": 16, "steps": 120, "batch_size": 16, "log_every": 20},
     add_arguments=add_arguments, check_args=check_args, child_env={"HF_HUB_OFFLINE": "1"},
     eval_what="test images")
-
-
-def format_table(rows: list[dict]) -> str:
-    """One markdown table, one row per method, plus the notes that define its columns."""
-    return _frontend.format_table(FRONT_END, rows)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
