@@ -16,6 +16,7 @@
 #include <ATen/ops/zeros.h>
 #include <c10/util/string_view.h>
 
+#include <algorithm>
 #include <array>
 #include <optional>
 #include <string>
@@ -28,39 +29,56 @@ namespace cersa {
 
 using OptTensor = std::optional<at::Tensor>;
 
-// linear_forward: y (N, m) = x Vh^T diag(S) U^T + s (x A^T) B^T + bias, h_k (N, k) = s x A^T,
-// xv (N, r) = x Vh^T when save_xv (else (N, 0)); h_k is (N, 0) when A is None.
-struct ForwardPlan {
-  // The arguments, as given (U, Vh, A, B and bias are read in place, with their strides).
-  const at::Tensor& U;
-  const at::Tensor& Vh;
-  const OptTensor& A;
-  const OptTensor& B;
-  const OptTensor& bias;
-  const double scale;
-  const bool save_xv;
-  at::Tensor x;  // the input, BLAS-ready (blas_ready)
-  at::Tensor S;  // S, contiguous (the epilogues read it through a pointer)
-  int64_t N = 0, n = 0, m = 0, r = 0, k = 0;
-  bool has_bias = false;
+// x or dy as the plans hold it: BLAS-ready when it is a 2-D tensor, else as given (for the check).
+inline at::Tensor blas_ready_2d(const at::Tensor& t) {
+  return (t.defined() && t.dim() == 2) ? blas_ready(t) : t;
+}
+
+// The input `name` (x or dy): a 2-D tensor of dimensions `dims`.
+inline void check_2d_input(const char* name, const at::Tensor& t, const char* dims) {
+  TORCH_CHECK(t.defined() && t.dim() == 2, "cersa: ", name, ": expected a 2-D tensor (", dims, ")",
+              t.defined() ? ", got shape " + shape_str(t) : ", got None");
+}
+
+// The optional bias (m,), checked against x; whether it is given.  `m_what` names m.
+inline bool check_bias(const OptTensor& bias, const at::Tensor& x, int64_t m, const char* m_what) {
+  if (!present(bias)) return false;
+  check_tensor("bias", *bias, 1, x);
+  check_size("bias", *bias, 0, m, m_what);
+  return true;
+}
+
+// A saved input of the backward (x, xv or h_k) that a needed gradient reads: given (else the
+// error says what it is), 2-D, like dy, with N rows and `cols` columns (`cols_what` names them).
+inline void check_saved_input(const char* name, const OptTensor& t, const char* what,
+                              const at::Tensor& dy, int64_t N, int64_t cols,
+                              const char* cols_what) {
+  TORCH_CHECK(present(t), "cersa: ", name, ": expected ", what, ", got None");
+  check_tensor(name, *t, 2, dy);
+  check_size(name, *t, 0, N, "N = dy.size(0)");
+  check_size(name, *t, 1, cols, cols_what);
+}
+
+// A gradient that is not needed: its own (0,) tensor.
+inline at::Tensor no_grad_tensor(const at::TensorOptions& opts) { return at::empty({0}, opts); }
+
+// A weight gradient: (0,) when not needed, else uninitialised when a GEMM writes it, else zeros.
+inline at::Tensor weight_grad(bool need, bool gemm, at::IntArrayRef sizes,
+                              const at::TensorOptions& opts) {
+  return !need ? no_grad_tensor(opts) : (gemm ? at::empty(sizes, opts) : at::zeros(sizes, opts));
+}
+
+// The outputs of both forward plans and the sizes they are made from: y (N, m), h_k (N, k) and
+// xv (N, r) (or (N, 0) unless save_xv), allocated uninitialised (the schedule writes every
+// element), and S contiguous (the epilogues read it through a pointer).
+struct ForwardOutputs {
+  at::Tensor S;
+  int64_t N = 0;
   at::TensorOptions opts;
-  // The outputs, allocated uninitialised: the schedule writes every element.
   at::Tensor y, h_k, xv;
 
-  ForwardPlan(const at::Tensor& x_in, const at::Tensor& U_, const at::Tensor& S_in,
-              const at::Tensor& Vh_, const OptTensor& A_, const OptTensor& B_,
-              const OptTensor& bias_, double scale_, bool save_xv_)
-      : U(U_), Vh(Vh_), A(A_), B(B_), bias(bias_), scale(scale_), save_xv(save_xv_),
-        x((x_in.defined() && x_in.dim() == 2) ? blas_ready(x_in) : x_in) {
-    TORCH_CHECK(x.defined() && x.dim() == 2, "cersa: x: expected a 2-D tensor (N, in_features)",
-                x.defined() ? ", got shape " + shape_str(x) : ", got None");
-    check_factors(x, U, S_in, Vh, A, B, m, r, n, k);
-    check_size("x", x, 1, n, "in_features = Vh.size(1)");
-    has_bias = present(bias);
-    if (has_bias) {
-      check_tensor("bias", *bias, 1, x);
-      check_size("bias", *bias, 0, m, "out_features = U.size(0)");
-    }
+  void allocate(const at::Tensor& x, const at::Tensor& S_in, int64_t m, int64_t r, int64_t k,
+                bool save_xv) {
     N = x.size(0);
     opts = x.options();
     S = S_in.contiguous();
@@ -73,6 +91,55 @@ struct ForwardPlan {
   }
 };
 
+// linear_forward: y (N, m) = x Vh^T diag(S) U^T + s (x A^T) B^T + bias, h_k (N, k) = s x A^T,
+// xv (N, r) = x Vh^T when save_xv (else (N, 0)); h_k is (N, 0) when A is None.
+struct ForwardPlan : ForwardOutputs {
+  // The arguments, as given (U, Vh, A, B and bias are read in place, with their strides).
+  const at::Tensor& U;
+  const at::Tensor& Vh;
+  const OptTensor& A;
+  const OptTensor& B;
+  const OptTensor& bias;
+  const double scale;
+  const bool save_xv;
+  at::Tensor x;  // the input, BLAS-ready (blas_ready)
+  int64_t n = 0, m = 0, r = 0, k = 0;
+  bool has_bias = false;
+
+  ForwardPlan(const at::Tensor& x_in, const at::Tensor& U_, const at::Tensor& S_in,
+              const at::Tensor& Vh_, const OptTensor& A_, const OptTensor& B_,
+              const OptTensor& bias_, double scale_, bool save_xv_)
+      : U(U_), Vh(Vh_), A(A_), B(B_), bias(bias_), scale(scale_), save_xv(save_xv_),
+        x(blas_ready_2d(x_in)) {
+    check_2d_input("x", x, "N, in_features");
+    check_factors(x, U, S_in, Vh, A, B, m, r, n, k);
+    check_size("x", x, 1, n, "in_features = Vh.size(1)");
+    has_bias = check_bias(bias, x, m, "out_features = U.size(0)");
+    allocate(x, S_in, m, r, k, save_xv);
+  }
+};
+
+// The arguments and prepared inputs of both backward plans (BackwardPlan, QuantBackwardPlan),
+// read in place with their strides; dy (checked here) and x BLAS-ready.
+struct BackwardInputs {
+  const OptTensor& h_k;
+  const OptTensor& xv;
+  const OptTensor& A;
+  const OptTensor& B;
+  const double scale;
+  at::Tensor dy;    // BLAS-ready
+  OptTensor x;      // BLAS-ready when it is a 2-D tensor
+  at::Tensor S;     // contiguous (set by the plan)
+  at::Tensor xv_c;  // xv contiguous, when dS is a sum over rows (want_dS); else undefined
+
+  BackwardInputs(const at::Tensor& dy_in, const OptTensor& x_in, const OptTensor& h_k_,
+                 const OptTensor& xv_, const OptTensor& A_, const OptTensor& B_, double scale_)
+      : h_k(h_k_), xv(xv_), A(A_), B(B_), scale(scale_), dy(blas_ready_2d(dy_in)), x(x_in) {
+    if (present(x) && x->dim() == 2) x = blas_ready(*x);
+    check_2d_input("dy", dy, "N, out_features");
+  }
+};
+
 // linear_backward: the seven gradients (dx, dU, dS, dVh, dA, dB, dbias) that `needs` asks for:
 //   dh = [dy U | s dy B] (N, r + k),  dh_r diag S = (dy U) diag S,
 //   dx = (dh_r diag S) Vh + s dh_k A,   dU = (dy^T xv) diag S,   dS = sum_i xv * dh_r,
@@ -80,19 +147,10 @@ struct ForwardPlan {
 // A gradient that is not needed comes back as its own (0,) tensor (outputs never alias); with
 // A None (no delta) there is no dA or dB.  A saved input that is not needed may be None or of
 // any shape: x is read only for dVh or dA, h_k only for dB, xv only for dU or dS.
-struct BackwardPlan {
-  // The arguments, as given (read in place, with their strides).
-  const OptTensor& h_k;
-  const OptTensor& xv;
+struct BackwardPlan : BackwardInputs {
+  // The factors, as given (read in place, with their strides).
   const at::Tensor& U;
   const at::Tensor& Vh;
-  const OptTensor& A;
-  const OptTensor& B;
-  const double scale;
-  at::Tensor dy;  // BLAS-ready
-  OptTensor x;    // BLAS-ready when it is a 2-D tensor
-  at::Tensor S;   // contiguous
-  at::Tensor xv_c;  // xv contiguous, when dS is a sum over rows (want_dS); else undefined
   int64_t N = 0, n = 0, m = 0, r = 0, k = 0;
   bool has_delta = false;
   // What is needed: needs[0..6], with dA / dB only when there is a delta.
@@ -114,11 +172,7 @@ struct BackwardPlan {
                const OptTensor& xv_, const at::Tensor& U_, const at::Tensor& S_in,
                const at::Tensor& Vh_, const OptTensor& A_, const OptTensor& B_, double scale_,
                const std::array<bool, 7>& needs)
-      : h_k(h_k_), xv(xv_), U(U_), Vh(Vh_), A(A_), B(B_), scale(scale_),
-        dy((dy_in.defined() && dy_in.dim() == 2) ? blas_ready(dy_in) : dy_in), x(x_in) {
-    if (present(x) && x->dim() == 2) x = blas_ready(*x);
-    TORCH_CHECK(dy.defined() && dy.dim() == 2, "cersa: dy: expected a 2-D tensor (N, out_features)",
-                dy.defined() ? ", got shape " + shape_str(dy) : ", got None");
+      : BackwardInputs(dy_in, x_in, h_k_, xv_, A_, B_, scale_), U(U_), Vh(Vh_) {
     check_factors(dy, U, S_in, Vh, A, B, m, r, n, k);
     check_size("dy", dy, 1, m, "out_features = U.size(0)");
     N = dy.size(0);
@@ -137,44 +191,27 @@ struct BackwardPlan {
     S = S_in.contiguous();
     if (want_dS) xv_c = xv->contiguous();
 
-    dx = need_x ? at::empty({N, n}, opts) : none();
-    dU = weight_grad(need_U, do_dU, {m, r});
-    dS = need_S ? at::empty({r}, opts) : none();
-    dVh = weight_grad(need_Vh, do_dVh, {r, n});
-    dA = weight_grad(need_A, do_dA, {k, n});
-    dB = weight_grad(need_B, do_dB, {m, k});
-    dbias = need_bias ? at::empty({m}, opts) : none();
+    dx = need_x ? at::empty({N, n}, opts) : no_grad_tensor(opts);
+    dU = weight_grad(need_U, do_dU, {m, r}, opts);
+    dS = need_S ? at::empty({r}, opts) : no_grad_tensor(opts);
+    dVh = weight_grad(need_Vh, do_dVh, {r, n}, opts);
+    dA = weight_grad(need_A, do_dA, {k, n}, opts);
+    dB = weight_grad(need_B, do_dB, {m, k}, opts);
+    dbias = need_bias ? at::empty({m}, opts) : no_grad_tensor(opts);
   }
 
  private:
-  at::Tensor none() const { return at::empty({0}, opts); }
-
-  at::Tensor weight_grad(bool need, bool gemm, at::IntArrayRef sizes) const {
-    return !need ? none() : (gemm ? at::empty(sizes, opts) : at::zeros(sizes, opts));
-  }
-
   // The saved inputs that the needed gradients read, checked against dy and the factors.
   void check_saved() const {
-    if (need_Vh || need_A) {
-      TORCH_CHECK(present(x),
-                  "cersa: x: expected the saved input (needed for dVh or dA), got None");
-      check_tensor("x", *x, 2, dy);
-      check_size("x", *x, 0, N, "N = dy.size(0)");
-      check_size("x", *x, 1, n, "in_features = Vh.size(1)");
-    }
-    if ((need_U || need_S) && r > 0) {
-      TORCH_CHECK(present(xv),
-                  "cersa: xv: expected the saved x Vh^T (needed for dU or dS), got None");
-      check_tensor("xv", *xv, 2, dy);
-      check_size("xv", *xv, 0, N, "N = dy.size(0)");
-      check_size("xv", *xv, 1, r, "rank = U.size(1)");
-    }
-    if (need_B) {
-      TORCH_CHECK(present(h_k), "cersa: h_k: expected the saved s x A^T (needed for dB), got None");
-      check_tensor("h_k", *h_k, 2, dy);
-      check_size("h_k", *h_k, 0, N, "N = dy.size(0)");
-      check_size("h_k", *h_k, 1, k, "delta_rank = A.size(0)");
-    }
+    if (need_Vh || need_A)
+      check_saved_input("x", x, "the saved input (needed for dVh or dA)", dy, N, n,
+                        "in_features = Vh.size(1)");
+    if ((need_U || need_S) && r > 0)
+      check_saved_input("xv", xv, "the saved x Vh^T (needed for dU or dS)", dy, N, r,
+                        "rank = U.size(1)");
+    if (need_B)
+      check_saved_input("h_k", h_k, "the saved s x A^T (needed for dB)", dy, N, k,
+                        "delta_rank = A.size(0)");
   }
 };
 
@@ -235,6 +272,31 @@ struct QuantFactor {
   }
 };
 
+// How the CPU and CUDA schedules split a quantized factor F (rows, cols) into panels, decoded one at
+// a time: along its rows (panel i = rows [start(i), start(i) + size(i)), a row-major (size, cols)
+// operand) or along its columns (columns [start(i), ...), a row-major (rows, size) operand).  A
+// panel holds at most about max_elems numbers; its width is rounded up to a multiple of `align`
+// (at most the extent), and a factor of at most max_elems numbers is one panel.
+struct PanelGrid {
+  const QuantFactor& F;
+  const bool by_rows;
+  int64_t extent = 0, other = 0, width = 1, count_ = 0;
+
+  PanelGrid(const QuantFactor& F_, bool by_rows_, int64_t max_elems, int64_t align)
+      : F(F_), by_rows(by_rows_) {
+    extent = by_rows ? F.rows : F.cols;
+    other = by_rows ? F.cols : F.rows;
+    const int64_t panels = std::max<int64_t>(1, (extent * other + max_elems - 1) / max_elems);
+    width = panels == 1 ? extent : ((extent + panels - 1) / panels + align - 1) / align * align;
+    width = std::max<int64_t>(1, std::min(width, extent));
+    count_ = extent == 0 ? 0 : (extent + width - 1) / width;
+  }
+
+  int64_t count() const { return count_; }
+  int64_t start(int64_t i) const { return i * width; }
+  int64_t size(int64_t i) const { return std::min(width, extent - i * width); }
+};
+
 // The static format arguments shared by both ops: quant_type and block_size.
 inline quant::QuantType check_format(c10::string_view quant_type, int64_t block_size) {
   const quant::QuantType t = parse_quant_type(quant_type);
@@ -256,20 +318,37 @@ inline void check_quant_sizes(const at::Tensor& like, const at::Tensor& S, int64
   r = S.size(0);
 }
 
+// The arguments that both quantized plans share, checked against `like` (x or dy, named
+// like_name): quant_type and block_size, out_features (m), in_features (n), S (r,), like's columns
+// (n for x, m for dy), the codes and scales of U (m, r) and Vh (r, n), and the delta A, B (k).
+struct QuantArgs {
+  int64_t n = 0, m = 0, r = 0, k = 0;
+  std::optional<QuantFactor> U, Vh;
+
+  void check_args(const char* like_name, const at::Tensor& like, const at::Tensor& U_codes,
+                  const at::Tensor& U_scales, const at::Tensor& S, const at::Tensor& Vh_codes,
+                  const at::Tensor& Vh_scales, const OptTensor& A, const OptTensor& B,
+                  int64_t out_features, int64_t in_features, c10::string_view quant_type,
+                  int64_t block_size) {
+    const bool like_is_x = like_name[0] == 'x';  // "x" or "dy"
+    const quant::QuantType t = check_format(quant_type, block_size);
+    check_quant_sizes(like, S, out_features, in_features, m, r, n);
+    check_size(like_name, like, 1, like_is_x ? n : m, like_is_x ? "in_features" : "out_features");
+    U.emplace("U", U_codes, U_scales, m, r, t, block_size, like);
+    Vh.emplace("Vh", Vh_codes, Vh_scales, r, n, t, block_size, like);
+    check_delta(like, A, B, m, n, k);
+  }
+};
+
 // linear_forward_q: linear_forward with U and Vh quantized (same outputs; see ForwardPlan).
-struct QuantForwardPlan {
+struct QuantForwardPlan : ForwardOutputs, QuantArgs {
   const OptTensor& A;
   const OptTensor& B;
   const OptTensor& bias;
   const double scale;
   const bool save_xv;
   at::Tensor x;  // BLAS-ready
-  at::Tensor S;  // contiguous
-  int64_t N = 0, n = 0, m = 0, r = 0, k = 0;
-  std::optional<QuantFactor> U, Vh;
   bool has_bias = false;
-  at::TensorOptions opts;
-  at::Tensor y, h_k, xv;
 
   QuantForwardPlan(const at::Tensor& x_in, const at::Tensor& U_codes, const at::Tensor& U_scales,
                    const at::Tensor& S_in, const at::Tensor& Vh_codes, const at::Tensor& Vh_scales,
@@ -277,26 +356,12 @@ struct QuantForwardPlan {
                    int64_t out_features, int64_t in_features, c10::string_view quant_type,
                    int64_t block_size, double scale_, bool save_xv_)
       : A(A_), B(B_), bias(bias_), scale(scale_), save_xv(save_xv_),
-        x((x_in.defined() && x_in.dim() == 2) ? blas_ready(x_in) : x_in) {
-    TORCH_CHECK(x.defined() && x.dim() == 2, "cersa: x: expected a 2-D tensor (N, in_features)",
-                x.defined() ? ", got shape " + shape_str(x) : ", got None");
-    const quant::QuantType t = check_format(quant_type, block_size);
-    check_quant_sizes(x, S_in, out_features, in_features, m, r, n);
-    check_size("x", x, 1, n, "in_features");
-    U.emplace("U", U_codes, U_scales, m, r, t, block_size, x);
-    Vh.emplace("Vh", Vh_codes, Vh_scales, r, n, t, block_size, x);
-    check_delta(x, A, B, m, n, k);
-    has_bias = present(bias);
-    if (has_bias) {
-      check_tensor("bias", *bias, 1, x);
-      check_size("bias", *bias, 0, m, "out_features");
-    }
-    N = x.size(0);
-    opts = x.options();
-    S = S_in.contiguous();
-    y = at::empty({N, m}, opts);
-    xv = at::empty({N, save_xv ? r : 0}, opts);
-    h_k = at::empty({N, k}, opts);  // its own tensor (see ForwardPlan)
+        x(blas_ready_2d(x_in)) {
+    check_2d_input("x", x, "N, in_features");
+    check_args("x", x, U_codes, U_scales, S_in, Vh_codes, Vh_scales, A, B, out_features,
+               in_features, quant_type, block_size);
+    has_bias = check_bias(bias, x, m, "out_features");
+    allocate(x, S_in, m, r, k, save_xv);
   }
 };
 
@@ -304,18 +369,8 @@ struct QuantForwardPlan {
 // for, with U and Vh quantized and frozen (the formulas of BackwardPlan without dU and dVh).
 // A gradient that is not needed is its own (0,) tensor; with A None there is no dA or dB.
 // x is read only for dA, h_k only for dB, xv only for dS.
-struct QuantBackwardPlan {
-  const OptTensor& h_k;
-  const OptTensor& xv;
-  const OptTensor& A;
-  const OptTensor& B;
-  const double scale;
-  at::Tensor dy;  // BLAS-ready
-  OptTensor x;    // BLAS-ready when it is a 2-D tensor
-  at::Tensor S;   // contiguous
-  at::Tensor xv_c;  // xv contiguous when want_dS
-  int64_t N = 0, n = 0, m = 0, r = 0, k = 0;
-  std::optional<QuantFactor> U, Vh;
+struct QuantBackwardPlan : QuantArgs, BackwardInputs {
+  int64_t N = 0;
   bool has_delta = false;
   bool need_x = false, need_S = false, need_A = false, need_B = false, need_bias = false;
   // As in BackwardPlan: rr = r when dh_r is needed (dx or dS), kk = k when dh_k is (dx or dA);
@@ -333,17 +388,9 @@ struct QuantBackwardPlan {
                     const at::Tensor& Vh_scales, const OptTensor& A_, const OptTensor& B_,
                     int64_t out_features, int64_t in_features, c10::string_view quant_type,
                     int64_t block_size, double scale_, const std::array<bool, 5>& needs)
-      : h_k(h_k_), xv(xv_), A(A_), B(B_), scale(scale_),
-        dy((dy_in.defined() && dy_in.dim() == 2) ? blas_ready(dy_in) : dy_in), x(x_in) {
-    if (present(x) && x->dim() == 2) x = blas_ready(*x);
-    TORCH_CHECK(dy.defined() && dy.dim() == 2, "cersa: dy: expected a 2-D tensor (N, out_features)",
-                dy.defined() ? ", got shape " + shape_str(dy) : ", got None");
-    const quant::QuantType t = check_format(quant_type, block_size);
-    check_quant_sizes(dy, S_in, out_features, in_features, m, r, n);
-    check_size("dy", dy, 1, m, "out_features");
-    U.emplace("U", U_codes, U_scales, m, r, t, block_size, dy);
-    Vh.emplace("Vh", Vh_codes, Vh_scales, r, n, t, block_size, dy);
-    check_delta(dy, A, B, m, n, k);
+      : BackwardInputs(dy_in, x_in, h_k_, xv_, A_, B_, scale_) {
+    check_args("dy", dy, U_codes, U_scales, S_in, Vh_codes, Vh_scales, A, B, out_features,
+               in_features, quant_type, block_size);
     N = dy.size(0);
     has_delta = present(A);
     need_x = needs[0], need_S = needs[1], need_A = needs[2] && has_delta;
@@ -359,35 +406,22 @@ struct QuantBackwardPlan {
     S = S_in.contiguous();
     if (want_dS) xv_c = xv->contiguous();
 
-    dx = need_x ? at::empty({N, n}, opts) : none();
-    dS = need_S ? at::empty({r}, opts) : none();
-    dA = !need_A ? none() : (do_dA ? at::empty({k, n}, opts) : at::zeros({k, n}, opts));
-    dB = !need_B ? none() : (do_dB ? at::empty({m, k}, opts) : at::zeros({m, k}, opts));
-    dbias = need_bias ? at::empty({m}, opts) : none();
+    dx = need_x ? at::empty({N, n}, opts) : no_grad_tensor(opts);
+    dS = need_S ? at::empty({r}, opts) : no_grad_tensor(opts);
+    dA = weight_grad(need_A, do_dA, {k, n}, opts);
+    dB = weight_grad(need_B, do_dB, {m, k}, opts);
+    dbias = need_bias ? at::empty({m}, opts) : no_grad_tensor(opts);
   }
 
  private:
-  at::Tensor none() const { return at::empty({0}, opts); }
-
   void check_saved() const {
-    if (need_A) {
-      TORCH_CHECK(present(x), "cersa: x: expected the saved input (needed for dA), got None");
-      check_tensor("x", *x, 2, dy);
-      check_size("x", *x, 0, N, "N = dy.size(0)");
-      check_size("x", *x, 1, n, "in_features");
-    }
-    if (need_S && r > 0) {
-      TORCH_CHECK(present(xv), "cersa: xv: expected the saved x Vh^T (needed for dS), got None");
-      check_tensor("xv", *xv, 2, dy);
-      check_size("xv", *xv, 0, N, "N = dy.size(0)");
-      check_size("xv", *xv, 1, r, "rank = S.size(0)");
-    }
-    if (need_B) {
-      TORCH_CHECK(present(h_k), "cersa: h_k: expected the saved s x A^T (needed for dB), got None");
-      check_tensor("h_k", *h_k, 2, dy);
-      check_size("h_k", *h_k, 0, N, "N = dy.size(0)");
-      check_size("h_k", *h_k, 1, k, "delta_rank = A.size(0)");
-    }
+    if (need_A)
+      check_saved_input("x", x, "the saved input (needed for dA)", dy, N, n, "in_features");
+    if (need_S && r > 0)
+      check_saved_input("xv", xv, "the saved x Vh^T (needed for dS)", dy, N, r, "rank = S.size(0)");
+    if (need_B)
+      check_saved_input("h_k", h_k, "the saved s x A^T (needed for dB)", dy, N, k,
+                        "delta_rank = A.size(0)");
   }
 };
 

@@ -1,11 +1,13 @@
 // CPU building blocks shared by the CPU schedules of the cersa:: ops (cersa_cpu.cpp: dense
 // factors; cersa_cpu_quant.cpp: quantized factors): the pointer + stride operands (Mat), the
 // GEMM that calls sgemm_ / dgemm_ directly or ATen's CPU kernels, the blocked schedule's sizes and
-// the epilogue loops.  docs/design.md "C++ CPU kernels" describes them; the header comment of
+// the epilogue loops, and the blocked schedules themselves (forward_blocks / backward_blocks).
+// docs/design.md "C++ CPU kernels" describes them; the header comment of
 // cersa_cpu.cpp gives the measurements behind the choices.
 #pragma once
 
 #include <ATen/Context.h>
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -351,6 +353,172 @@ void scale_columns(scalar_t* a, int64_t rows, int64_t cols, const scalar_t* S) {
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// The blocked schedules (cersa_cpu.cpp's header comment) of both CPU op pairs: forward_blocks
+// over a ForwardPlan or QuantForwardPlan, backward_blocks over a BackwardPlan or QuantBackwardPlan
+// (../cersa_plan.h; outputs allocated there), scalar_t the dtype the caller dispatched on.  They
+// differ only in the GEMMs that read U and Vh, which a Factors class runs for one block (dense
+// factors: cersa_cpu.cpp; quantized ones over decoded panels: cersa_cpu_quant.cpp).
+// ---------------------------------------------------------------------------------------------
+
+// gemm_into with one op call's `direct` and tensor options.
+template <typename T>
+struct Gemm {
+  bool direct;
+  const at::TensorOptions& opts;
+  void operator()(const Mat<T>& out, const Mat<const T>& a, const Mat<const T>& b, double alpha,
+                  bool accumulate) const {
+    gemm_into<T>(out, a, b, alpha, accumulate, direct, opts);
+  }
+};
+
+// Forward.  Factors f(p, opts) provides, for a block of rows:
+//   f.x_Vh(gemm, h_r, x_b):            h_r = x_b Vh^T
+//   f.h_U(gemm, y_b, h_r, accumulate): y_b (+)= h_r U^T
+template <typename scalar_t, class Factors, class Plan>
+void forward_blocks(Plan& p) {
+  using M = Mat<scalar_t>;
+  using CM = Mat<const scalar_t>;
+  const int64_t N = p.N, m = p.m, r = p.r, k = p.k;
+  const auto& opts = p.opts;
+  const bool has_bias = p.has_bias;
+
+  // h: the forward's one intermediate, (rows, r + k) for a block of rows, row- or column-major
+  // (cersa_cpu.cpp's header comment), reused by every block.  Columns [0, r): x Vh^T, scaled in
+  // place by S in the epilogue; columns [r, r + k): s x A^T (s folded into the GEMM's alpha).
+  const bool column_major = N >= kColumnMajorMinRows;
+  const int64_t nb = block_rows(N);
+  Tensor h = rows_buffer(nb, r + k, column_major, opts);
+  Tensor bc = has_bias ? p.bias->contiguous() : Tensor();
+
+  const Gemm<scalar_t> gemm{direct_blas(p.x.scalar_type()), opts};
+  const CM X = CM::of(p.x);
+  const CM AT = k > 0 ? CM::of(*p.A).t() : CM{}, BT = k > 0 ? CM::of(*p.B).t() : CM{};
+  const M H = M::of(h), Y = M::of(p.y), HK = M::of(p.h_k);
+  const scalar_t* S_p = p.S.template const_data_ptr<scalar_t>();
+  const scalar_t* bias_p = has_bias ? bc.const_data_ptr<scalar_t>() : nullptr;
+  Factors f(p, opts);
+  for (int64_t i0 = 0; i0 < N; i0 += nb) {  // one block of rows: its x, h and y stay in cache
+    const int64_t rows = std::min(nb, N - i0);
+    const CM xb = X.row_block(i0, rows);
+    const M hb = H.row_block(0, rows), yb = Y.row_block(i0, rows);
+    const M hb_r = hb.col_block(0, r), hb_k = hb.col_block(r, k);
+    if (r > 0) f.x_Vh(gemm, hb_r, xb);
+    if (k > 0) gemm(hb_k, xb, AT, p.scale, false);
+    scalar_t* xv_p = p.save_xv ? p.xv.template data_ptr<scalar_t>() + i0 * r : nullptr;
+    forward_epilogue<scalar_t>(hb.p, hb.s0, hb.s1, rows, r, S_p, xv_p, yb.p, bias_p, m);
+    // y = bias + h_r U^T + h_k B^T: GEMMs accumulating into the one output block.
+    if (r > 0) f.h_U(gemm, yb, hb_r, has_bias);
+    if (k > 0) gemm(yb, hb_k, BT, 1.0, has_bias || r > 0);
+    if (r == 0 && k == 0 && !has_bias) copy_or_zero<scalar_t>(yb, nullptr);
+    if (k > 0) {
+      const CM src = hb_k;
+      copy_or_zero<scalar_t>(HK.row_block(i0, rows), &src);
+    }
+  }
+}
+
+// Backward.  Factors f(p, opts) provides, for a block of rows:
+//   f.dy_U(gemm, dh_r, dy_b):   dh_r = dy_b U
+//   f.dh_Vh(gemm, dx_b, dh_r):  dx_b = dh_r Vh   (dh_r already scaled by S)
+//   f.weight_grads(gemm, i0, rows, dy_b^T, dh_r, accumulate): the factors' own gradients over
+//                               rows [i0, i0 + rows) (dU, dVh; none for frozen factors)
+//   f.finish(S):                after all blocks (dU's diag S)
+//   f.reads_dh_r:               whether weight_grads reads dh_r (dVh)
+template <typename scalar_t, class Factors, class Plan>
+void backward_blocks(Plan& p) {
+  using acc_t = acc_of<scalar_t>;
+  using M = Mat<scalar_t>;
+  using CM = Mat<const scalar_t>;
+  const Tensor& dy = p.dy;
+  const int64_t N = p.N, m = p.m, r = p.r, rr = p.rr, kk = p.kk;
+  const bool need_x = p.need_x, need_bias = p.need_bias, want_dS = p.want_dS;
+  const bool do_dA = p.do_dA, do_dB = p.do_dB;
+  const auto& opts = p.opts;
+  Factors f(p, opts);
+
+  // dh: the backward's one intermediate, (rows, r + k) for a block of rows, row- or column-major
+  // (cersa_cpu.cpp's header comment), reused by every block.  Columns [0, r): dy U, then
+  // (dy U) diag(S) after the epilogue; columns [r, r + k): s dy B (s in the GEMM's alpha).
+  const bool column_major = N >= kColumnMajorMinRows;
+  const int64_t nb = block_rows(N);
+  // The weight gradients sum over all rows.  In fp32 / fp64 each block adds its share into them
+  // (the GEMM's beta = 1), while its dy / x / dh are in cache; in 16-bit dtypes that would round
+  // the running sum to 16 bits once per block, so their GEMMs run once over all N rows instead,
+  // and dh_r / dh_k are kept whole: one (N, r + k) buffer.
+  const bool blocked_sums = dy.scalar_type() == at::kFloat || dy.scalar_type() == at::kDouble;
+  const bool whole_dh = !blocked_sums && (f.reads_dh_r || do_dA) && nb < N;
+  Tensor dh = rows_buffer(whole_dh ? N : nb, rr + kk, column_major, opts);
+  const int64_t dh_rows = dh.size(0);
+  const bool scale_dh = p.scale_dh;
+
+  const Gemm<scalar_t> gemm{direct_blas(dy.scalar_type()), opts};
+  // Inputs are wrapped only where used: x and h_k may be passed when not needed, in any shape.
+  const CM DY = CM::of(dy);
+  const CM Am = p.has_delta ? CM::of(*p.A) : CM{}, Bm = p.has_delta ? CM::of(*p.B) : CM{};
+  const CM X = do_dA ? CM::of(*p.x) : CM{}, HK = do_dB ? CM::of(*p.h_k) : CM{};
+  const M DH = M::of(dh), DX = need_x ? M::of(p.dx) : M{};
+  const M DA = do_dA ? M::of(p.dA) : M{}, DB = do_dB ? M::of(p.dB) : M{};
+  const scalar_t* S_p = p.S.template const_data_ptr<scalar_t>();
+  // Weight-gradient GEMMs over rows [i0, i0 + rows): the factors' (dU, dVh), then
+  // dA += (s dh_k)^T x and dB += dy^T h_k.
+  auto weight_grads = [&](int64_t i0, int64_t rows, const CM& dhb_r, const CM& dhb_k) {
+    const bool acc = i0 > 0;
+    const CM dyb_t = DY.row_block(i0, rows).t();
+    f.weight_grads(gemm, i0, rows, dyb_t, dhb_r, acc);
+    if (do_dA) gemm(DA, dhb_k.t(), X.row_block(i0, rows), 1.0, acc);
+    if (do_dB) gemm(DB, dyb_t, HK.row_block(i0, rows), 1.0, acc);
+  };
+  std::vector<acc_t> dS_acc(want_dS ? r : 0, acc_t(0)), db_acc(need_bias ? m : 0, acc_t(0));
+  for (int64_t i0 = 0; i0 < N; i0 += nb) {  // one block of rows: its dy, dh and dx stay in cache
+    const int64_t rows = std::min(nb, N - i0);
+    const int64_t d0 = dh_rows == N ? i0 : 0;  // the block's first row in dh
+    const CM dyb = DY.row_block(i0, rows);
+    const M dhb = DH.row_block(d0, rows);
+    const M dhb_r = dhb.col_block(0, rr), dhb_k = dhb.col_block(rr, kk);
+    if (rr > 0) f.dy_U(gemm, dhb_r, dyb);
+    if (kk > 0) gemm(dhb_k, dyb, Bm, p.scale, false);
+    const scalar_t* xvp =
+        want_dS ? p.xv_c.template const_data_ptr<scalar_t>() + i0 * r : nullptr;
+    // Row-major dh: dS, the scaling and dbias in one pass over the rows.  Column-major dh: dS
+    // and the scaling column by column, then dbias in a row pass over the block of dy.
+    backward_epilogue<scalar_t>(dhb.p, dhb.s0, rows, r, S_p, scale_dh && !column_major, xvp,
+                                dyb.p, dyb.s0, dyb.s1, m, want_dS && !column_major, need_bias,
+                                dS_acc.data(), db_acc.data());
+    if (column_major)
+      backward_columns_epilogue<scalar_t>(dhb.p, dhb.s1, rows, r, S_p, scale_dh, xvp,
+                                          want_dS ? dS_acc.data() : nullptr);
+    if (need_x) {  // dx = (dh_r diag S) Vh + s dh_k A: both segments accumulate into one block
+      const M dxb = DX.row_block(i0, rows);
+      if (rr > 0) f.dh_Vh(gemm, dxb, dhb_r);
+      if (kk > 0) gemm(dxb, dhb_k, Am, 1.0, rr > 0);
+      if (rr == 0 && kk == 0) copy_or_zero<scalar_t>(dxb, nullptr);
+    }
+    if (blocked_sums) weight_grads(i0, rows, dhb_r, dhb_k);
+  }
+  if (!blocked_sums && N > 0) weight_grads(0, N, DH.col_block(0, rr), DH.col_block(rr, kk));
+  for (int64_t j = 0; j < static_cast<int64_t>(dS_acc.size()); ++j)
+    p.dS.template data_ptr<scalar_t>()[j] = static_cast<scalar_t>(dS_acc[j]);
+  for (int64_t j = 0; j < static_cast<int64_t>(db_acc.size()); ++j)
+    p.dbias.template data_ptr<scalar_t>()[j] = static_cast<scalar_t>(db_acc[j]);
+  f.finish(S_p);
+}
+
+// The CPU kernels of the schedules: forward_blocks / backward_blocks with Factors<scalar_t>,
+// scalar_t the plan's dtype; Factors<T>::kDispatchName names the dispatch (a build-time string).
+template <template <typename> class Factors, class Plan>
+void forward_kernel(Plan& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(),
+                                  Factors<float>::kDispatchName,
+                                  [&] { forward_blocks<scalar_t, Factors<scalar_t>>(p); });
+}
+
+template <template <typename> class Factors, class Plan>
+void backward_kernel(Plan& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.dy.scalar_type(),
+                                  Factors<float>::kDispatchName,
+                                  [&] { backward_blocks<scalar_t, Factors<scalar_t>>(p); });
+}
 
 }  // namespace cpu
 }  // namespace cersa

@@ -40,6 +40,38 @@ void check_cuda(cudaError_t e, const char* what) {
   TORCH_CHECK(e == cudaSuccess, "cersa: CUDA kernel ", what, " failed: ", cudaGetErrorString(e));
 }
 
+// The forward epilogue of both forward plans (ForwardPlan, QuantForwardPlan) over
+// h = [x Vh^T | s x A^T] (N, r + k): h_r *= S, and xv = x Vh^T when saved.
+template <class Plan>
+void run_forward_epilogue(Plan& p, Tensor& h) {
+  void* xv_p = p.save_xv ? p.xv.data_ptr() : nullptr;
+  check_cuda(cersa_cuda::forward_epilogue(dtype_of(p.x), h.data_ptr(), p.r + p.k, p.N, p.r,
+                                          p.S.const_data_ptr(), xv_p, p.r,
+                                          at::cuda::getCurrentCUDAStream()),
+             "forward_epilogue");
+}
+
+// The backward epilogue of both backward plans (BackwardPlan, QuantBackwardPlan), one pass over
+// dh (N, rr + kk) and dy: dS = sum_i xv * dh_r, dh_r *= S where dx or dVh reads it (scale_dh),
+// dbias = sum_i dy, with its workspace for the reductions.
+template <class Plan>
+void run_backward_epilogue(Plan& p, Tensor& dh, cudaStream_t stream) {
+  const Tensor& dy = p.dy;
+  const int64_t N = p.N, m = p.m, r = p.r;
+  const int64_t er = (p.want_dS || p.scale_dh) ? r : 0;
+  const int64_t em = p.need_bias ? m : 0;
+  Tensor ws = at::empty(
+      {static_cast<int64_t>(cersa_cuda::backward_workspace_bytes(dtype_of(dy), N, er, em))},
+      p.opts.dtype(at::kByte));
+  check_cuda(cersa_cuda::backward_epilogue(
+                 dtype_of(dy), dh.data_ptr(), p.rr + p.kk, N, er, p.S.const_data_ptr(),
+                 p.scale_dh, p.want_dS ? p.xv_c.const_data_ptr() : nullptr, r,
+                 dy.const_data_ptr(), dy.stride(0), dy.stride(1), m,
+                 p.want_dS ? p.dS.data_ptr() : nullptr, p.need_bias ? p.dbias.data_ptr() : nullptr,
+                 ws.data_ptr(), stream),
+             "backward_epilogue");
+}
+
 // The forward schedule over a checked plan (../cersa_plan.h; y, h_k and xv allocated there).
 void forward_cuda(ForwardPlan& p) {
   c10::cuda::CUDAGuard guard(p.x.device());
@@ -51,11 +83,7 @@ void forward_cuda(ForwardPlan& p) {
   if (N > 0) {
     if (r > 0) aten_gemm_into(h_r, x, Vh.t(), 1.0, false);
     if (k > 0) aten_gemm_into(h_k, x, p.A->t(), p.scale, false);
-    void* xv_p = p.save_xv ? p.xv.data_ptr() : nullptr;
-    check_cuda(cersa_cuda::forward_epilogue(dtype_of(x), h.data_ptr(), r + k, N, r,
-                                            p.S.const_data_ptr(), xv_p, r,
-                                            at::cuda::getCurrentCUDAStream()),
-               "forward_epilogue");
+    run_forward_epilogue(p, h);
     if (r > 0) {
       if (p.has_bias) at::addmm_out(p.y, *p.bias, h_r, U.t());  // cuBLASLt bias epilogue
       else at::mm_out(p.y, h_r, U.t());
@@ -84,18 +112,7 @@ void backward_cuda(BackwardPlan& p) {
     if (rr > 0) aten_gemm_into(dh_r, dy, p.U, 1.0, false);
     if (kk > 0) aten_gemm_into(dh_k, dy, *p.B, p.scale, false);
   }
-  // One pass over dh and dy: dS, dh_r *= S (for dx and dVh) and dbias.
-  const int64_t er = (p.want_dS || p.scale_dh) ? r : 0;
-  const int64_t em = p.need_bias ? m : 0;
-  Tensor ws = at::empty(
-      {static_cast<int64_t>(cersa_cuda::backward_workspace_bytes(dtype_of(dy), N, er, em))},
-      p.opts.dtype(at::kByte));
-  check_cuda(cersa_cuda::backward_epilogue(
-                 dtype_of(dy), dh.data_ptr(), rr + kk, N, er, p.S.const_data_ptr(), p.scale_dh,
-                 p.want_dS ? p.xv_c.const_data_ptr() : nullptr, r, dy.const_data_ptr(),
-                 dy.stride(0), dy.stride(1), m, p.want_dS ? p.dS.data_ptr() : nullptr,
-                 p.need_bias ? p.dbias.data_ptr() : nullptr, ws.data_ptr(), stream),
-             "backward_epilogue");
+  run_backward_epilogue(p, dh, stream);  // dS, dh_r *= S (for dx and dVh) and dbias
 
   if (p.need_x) {  // dx = (dh_r diag S) Vh + s dh_k A
     if (rr > 0) aten_gemm_into(p.dx, dh_r, p.Vh, 1.0, false);
@@ -127,39 +144,27 @@ constexpr int64_t kGpuPanelElems = int64_t{1} << 22;
 
 // The panels of a quantized factor along its rows (panel i: rows [start(i), start(i) + size(i)),
 // a row-major (size, cols) matrix) or its columns (a row-major (rows, size) matrix).
-class GpuPanels {
+class GpuPanels : public PanelGrid {
  public:
   GpuPanels(const QuantFactor& F, bool by_rows, const at::TensorOptions& opts)
-      : F_(F), by_rows_(by_rows), opts_(opts) {
-    extent_ = by_rows ? F.rows : F.cols;
-    other_ = by_rows ? F.cols : F.rows;
-    const int64_t count = std::max<int64_t>(1, (extent_ * other_ + kGpuPanelElems - 1) / kGpuPanelElems);
-    width_ = std::max<int64_t>(1, std::min(extent_, (extent_ + count - 1) / count));
-    count_ = extent_ == 0 ? 0 : (extent_ + width_ - 1) / width_;
-  }
-  int64_t count() const { return count_; }
-  int64_t start(int64_t i) const { return i * width_; }
-  int64_t size(int64_t i) const { return std::min(width_, extent_ - i * width_); }
+      : PanelGrid(F, by_rows, kGpuPanelElems, /*align=*/1), opts_(opts) {}
 
   // Panel i, decoded into the buffer (which the previous panel's GEMM has read: one stream).
   Tensor get(int64_t i) {
-    if (!buf_.defined()) buf_ = at::empty({std::max<int64_t>(1, width_ * other_)}, opts_);
+    if (!buf_.defined()) buf_ = at::empty({std::max<int64_t>(1, width * other)}, opts_);
     const int64_t s = size(i), c0 = start(i);
-    const int64_t rows_p = by_rows_ ? s : F_.rows, cols_p = by_rows_ ? F_.cols : s;
+    const int64_t rows_p = by_rows ? s : F.rows, cols_p = by_rows ? F.cols : s;
     check_cuda(cersa_cuda::dequantize_panel(
-                   dtype_of(buf_), F_.type, F_.codes.const_data_ptr(),
-                   F_.scales.const_data_ptr<float>(), F_.block_shift, F_.cols, by_rows_ ? c0 : 0,
-                   rows_p, by_rows_ ? 0 : c0, cols_p, buf_.data_ptr(), cols_p,
+                   dtype_of(buf_), F.type, F.codes.const_data_ptr(),
+                   F.scales.const_data_ptr<float>(), F.block_shift, F.cols, by_rows ? c0 : 0,
+                   rows_p, by_rows ? 0 : c0, cols_p, buf_.data_ptr(), cols_p,
                    at::cuda::getCurrentCUDAStream()),
                "dequantize_panel");
     return buf_.narrow(0, 0, rows_p * cols_p).view({rows_p, cols_p});
   }
 
  private:
-  const QuantFactor& F_;
-  const bool by_rows_;
   const at::TensorOptions opts_;
-  int64_t extent_ = 0, other_ = 0, width_ = 1, count_ = 0;
   Tensor buf_;
 };
 
@@ -180,11 +185,7 @@ void forward_q_cuda(QuantForwardPlan& p) {
     }
   }
   if (k > 0) aten_gemm_into(h_k, x, p.A->t(), p.scale, false);
-  void* xv_p = p.save_xv ? p.xv.data_ptr() : nullptr;
-  check_cuda(cersa_cuda::forward_epilogue(dtype_of(x), h.data_ptr(), r + k, N, r,
-                                          p.S.const_data_ptr(), xv_p, r,
-                                          at::cuda::getCurrentCUDAStream()),
-             "forward_epilogue");
+  run_forward_epilogue(p, h);
   if (p.has_bias) p.y.copy_(p.bias->expand({N, m}));
   if (r > 0) {  // y[:, panel] (+)= h_r U[panel, :]^T
     GpuPanels u(*p.U, /*by_rows=*/true, p.opts);
@@ -205,7 +206,7 @@ void forward_q_cuda(QuantForwardPlan& p) {
 void backward_q_cuda(QuantBackwardPlan& p) {
   c10::cuda::CUDAGuard guard(p.dy.device());
   const Tensor& dy = p.dy;
-  const int64_t N = p.N, m = p.m, r = p.r, rr = p.rr, kk = p.kk;
+  const int64_t N = p.N, rr = p.rr, kk = p.kk;
   auto stream = at::cuda::getCurrentCUDAStream();
 
   Tensor dh = at::empty({N, rr + kk}, p.opts);  // [dy U -> (dy U) diag S | s dy B]
@@ -220,17 +221,7 @@ void backward_q_cuda(QuantBackwardPlan& p) {
     }
     if (kk > 0) aten_gemm_into(dh_k, dy, *p.B, p.scale, false);
   }
-  const int64_t er = (p.want_dS || p.scale_dh) ? r : 0;
-  const int64_t em = p.need_bias ? m : 0;
-  Tensor ws = at::empty(
-      {static_cast<int64_t>(cersa_cuda::backward_workspace_bytes(dtype_of(dy), N, er, em))},
-      p.opts.dtype(at::kByte));
-  check_cuda(cersa_cuda::backward_epilogue(
-                 dtype_of(dy), dh.data_ptr(), rr + kk, N, er, p.S.const_data_ptr(), p.scale_dh,
-                 p.want_dS ? p.xv_c.const_data_ptr() : nullptr, r, dy.const_data_ptr(),
-                 dy.stride(0), dy.stride(1), m, p.want_dS ? p.dS.data_ptr() : nullptr,
-                 p.need_bias ? p.dbias.data_ptr() : nullptr, ws.data_ptr(), stream),
-             "backward_epilogue");
+  run_backward_epilogue(p, dh, stream);  // dS, dh_r *= S (for dx) and dbias
   if (p.need_x && N > 0) {  // dx = (dh_r diag S) Vh + s dh_k A
     if (rr > 0) {
       GpuPanels vh(*p.Vh, /*by_rows=*/false, p.opts);
