@@ -16,8 +16,9 @@ float32 (float64 for float64 weights):
   sigma_r is not too small relative to ||W||_F (else it falls back to "full").  1.2-3.3x faster
   per layer than "full" on the real MiniLM / SmolLM2 weights (bench/bench_convert_time.py).
 * "randomized" -- randomized range finder grown until the energy target is met
-  (:func:`randomized_svd`).  Energy guarantee exact; rank >= the exact energy rank (not always
-  equal), so "auto" never picks it.
+  (:func:`randomized_svd`).  Energy guarantee exact up to float32 rounding of the retained energy
+  (~1e-6 relative); rank >= the exact energy rank (not always equal) except at cuts within that
+  rounding, where it can be one below; so "auto" never picks it.
 * "auto" -- :func:`choose_svd`: the cheapest method, by a cost model of the shape and the rank,
   among those that give the exact energy rank.
 
@@ -570,7 +571,9 @@ def randomized_svd(W: Tensor, energy: float | None = None, rank: int | None = No
 
     W: (m, n) floating, any device (the work runs on W's device in float32, float64 for float64 W).
     energy: tau in (0, 1) -- the returned factors satisfy sum(S^2) >= tau ||W||_F^2, checked against
-      the exact total ||W||_F^2 (cheap), so the guarantee holds whatever the random draw; or
+      the exact total ||W||_F^2 (cheap), so the guarantee holds whatever the random draw, up to the
+      float32 rounding of the sketch's singular values (~1e-6 of the energy: a tau that close to a
+      cumulative fraction can give one component less than the exact rank); or
     rank: an explicit rank (then the retained energy is simply reported).
     Algorithm (Halko, Martinsson & Tropp 2011, Alg. 4.4 with subspace iteration): l = k + oversample
     Gaussian probes, Y = (W W^T)^q W Omega with QR re-orthonormalisation, Q = qr(Y), B = Q^T W (l, n),

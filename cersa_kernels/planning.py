@@ -14,11 +14,12 @@ from torch import Tensor, nn
 
 from .config import CersaConfig
 from .decompose import (allocate_budget, check_energy, check_rank, energy_rank, round_rank, singular_values,
-                        truncated_svd, uniform_energy_for_budget, AUTO_RANDOMIZED_MIN_DIM)
+                        uniform_energy_for_budget)
 from .report import ConversionReport, LayerRecord
 from .targets import collect
 
-__all__ = ["Plan", "plan", "layer_ranks", "keeps_dense", "budget_ranks", "policy_summary", "energy_rank_fraction"]
+__all__ = ["Plan", "plan", "layer_ranks", "keeps_dense", "budget_ranks", "policy_summary", "spectrum_method",
+           "energy_rank_fraction"]
 
 
 def keeps_dense(stored: int, dense: int, max_frozen_ratio) -> bool:
@@ -50,10 +51,10 @@ def _budget_cap(m: int, n: int, max_frozen_ratio, max_rank, rank_multiple) -> in
     return cap
 
 
-def _resolve_svd(svd: str, p: int, energy) -> str:
-    if svd != "auto":
-        return svd
-    return "randomized" if p >= AUTO_RANDOMIZED_MIN_DIM and (energy is None or energy < 1.0) else "full"
+def spectrum_method(svd: str) -> str:
+    """The ``singular_values`` method a rank policy uses for the conversion's ``svd=`` option: the
+    exact-rank spectrum of that method ("randomized" and "auto" take the cheapest exact one)."""
+    return svd if svd in ("full", "gram") else "auto"
 
 
 def policy_summary(config: CersaConfig) -> dict:
@@ -102,17 +103,10 @@ def layer_ranks(todo, config: CersaConfig, progress=None) -> tuple[list[list[int
     for name, W in flat:
         if progress is not None:
             progress(name)
-        if config.budget is None and _resolve_svd(config.svd, min(W.shape), config.energy) != "full":
-            spectra.append(None)  # the randomized path finds the energy rank without the full spectrum
-        else:
-            spectra.append(singular_values(W, name))
+        spectra.append(singular_values(W, name, svd=spectrum_method(config.svd)))
     shapes = [tuple(W.shape) for _, W in flat]
     if config.budget is None:
-        ranks = []
-        for (name, W), S, (m, n) in zip(flat, spectra, shapes):
-            r = (energy_rank(S, config.energy) if S is not None else
-                 truncated_svd(W, energy=config.energy, where=name, svd="randomized")[3].rank)
-            ranks.append(round_rank(r, min(m, n), cap=config.max_rank, multiple=config.rank_multiple))
+        ranks = _energy_ranks(spectra, shapes, config.energy, config)
     else:
         alloc, summary = budget_ranks(spectra, shapes, config)
         ranks = alloc.ranks

@@ -28,7 +28,7 @@ from .config import CersaConfig
 from .convert import config_from_keywords, seeded
 from .decompose import singular_values
 from .io import ShardedWriter, model_metadata
-from .planning import budget_ranks, keeps_dense, layer_ranks, policy_summary
+from .planning import budget_ranks, keeps_dense, layer_ranks, policy_summary, spectrum_method
 from .report import ConversionReport, LayerRecord, record_of
 from .targets import collect
 
@@ -319,7 +319,7 @@ def convert_file(source, out, energy: float | None = 0.93, *, rank: int | None =
         for name, mod, cls, keys in tqdm(jobs, desc="CERSA spectra", unit="layer", disable=not progress):
             real = materialise(mod, keys)
             for label, W in cls.matrices(real):
-                spectra.append(singular_values(W, name))
+                spectra.append(singular_values(W, name, svd=spectrum_method(config.svd)))
                 shapes.append(tuple(W.shape))
             del real
         alloc, summary = budget_ranks(spectra, shapes, config)

@@ -436,7 +436,9 @@ def test_exact_rank_at_a_tight_cut(exponent, rel):
                 assert info.rank == want, (meth, r, tau, info.method, info.note)
             U, S, Vh, info = truncated_svd(W, energy=tau, svd="randomized")
             kept = 1 - float((W.double() - (U.double() * S.double()) @ Vh.double()).square().sum()) / (s_ref ** 2).sum()
-            assert info.rank >= want and kept >= tau - 1e-6
+            # the sketch's float32 singular values resolve the energy to ~1e-6: at these cuts (1e-7,
+            # 1e-9 away) its stopping test may land one component short, never more
+            assert info.rank >= want - 1 and kept >= tau - 1e-6
 
 
 def test_full_svd_settles_an_undecidable_float32_cut_in_float64():
