@@ -47,26 +47,25 @@ def sizes(U: Tensor, Vh: Tensor, A: Tensor | None) -> tuple[int, int, int, int]:
     return m, r, Vh.shape[1], (A.shape[0] if A is not None else 0)
 
 
+def _needs(needs: Sequence[bool], names: tuple[str, ...], has_delta: bool) -> tuple[bool, ...]:
+    if len(needs) != len(names):
+        raise ValueError(f"needs: expected {len(names)} flags {names}, got {len(needs)}")
+    flags = [bool(v) for v in needs]
+    for i in (names.index("A"), names.index("B")):  # no delta means no dA / dB
+        flags[i] = flags[i] and has_delta
+    return tuple(flags)
+
+
 def effective_needs(needs: Sequence[bool], has_delta: bool) -> tuple[bool, ...]:
     """The 7 flags (x, U, S, Vh, A, B, bias) as bools, with dA and dB off when there is no delta.
     Raises ValueError for a sequence that is not of length 7."""
-    if len(needs) != len(GRADIENTS):
-        raise ValueError(f"needs: expected {len(GRADIENTS)} flags {GRADIENTS}, got {len(needs)}")
-    flags = [bool(v) for v in needs]
-    flags[4] = flags[4] and has_delta
-    flags[5] = flags[5] and has_delta
-    return tuple(flags)
+    return _needs(needs, GRADIENTS, has_delta)
 
 
 def effective_needs_q(needs: Sequence[bool], has_delta: bool) -> tuple[bool, ...]:
     """The 5 flags (x, S, A, B, bias) of linear_backward_q as bools, with dA and dB off when there is
     no delta.  Raises ValueError for a sequence that is not of length 5."""
-    if len(needs) != len(QUANT_GRADIENTS):
-        raise ValueError(f"needs: expected {len(QUANT_GRADIENTS)} flags {QUANT_GRADIENTS}, got {len(needs)}")
-    flags = [bool(v) for v in needs]
-    flags[2] = flags[2] and has_delta
-    flags[3] = flags[3] and has_delta
-    return tuple(flags)
+    return _needs(needs, QUANT_GRADIENTS, has_delta)
 
 
 def _check_rows(t: Tensor, width: int, name: str) -> None:
