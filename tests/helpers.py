@@ -102,3 +102,18 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
         assert (w.dtype, w.device, w.shape) == (v.dtype, v.device, v.shape), k
         if not v.is_meta:
             torch.testing.assert_close(w, v, rtol=0, atol=0, equal_nan=True, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def parse_frontend(front_end, argv, monkeypatch, steps_env=None):
+    """(parser, args) of a front end's command line ``argv`` after the runner's checks, with the
+    STEPS environment variable unset (or set to ``steps_env``) for the call."""
+    import _frontend
+
+    if steps_env is None:
+        monkeypatch.delenv("STEPS", raising=False)
+    else:
+        monkeypatch.setenv("STEPS", steps_env)
+    parser = _frontend.build_parser(front_end)
+    args = parser.parse_args(argv)
+    _frontend.check_args(front_end, parser, args)
+    return parser, args

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import parse_frontend
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,14 +40,7 @@ slow = pytest.mark.slow(reason="loads the 10.5M-parameter UNet from ONNX, conver
 
 
 def _parse(argv, monkeypatch, steps_env=None):
-    if steps_env is None:
-        monkeypatch.delenv("STEPS", raising=False)
-    else:
-        monkeypatch.setenv("STEPS", steps_env)
-    parser = _frontend.build_parser(fu.FRONT_END)
-    args = parser.parse_args(argv)
-    _frontend.check_args(fu.FRONT_END, parser, args)
-    return parser, args
+    return parse_frontend(fu.FRONT_END, argv, monkeypatch, steps_env)
 
 
 # ------------------------------------------------------------------------------------------------

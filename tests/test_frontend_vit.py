@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import parse_frontend
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
@@ -34,14 +35,7 @@ slow = pytest.mark.slow(reason="loads the 22M-parameter ViT, converts or wraps i
 
 
 def _parse(argv, monkeypatch, steps_env=None):
-    if steps_env is None:
-        monkeypatch.delenv("STEPS", raising=False)
-    else:
-        monkeypatch.setenv("STEPS", steps_env)
-    parser = _frontend.build_parser(fv.FRONT_END)
-    args = parser.parse_args(argv)
-    _frontend.check_args(fv.FRONT_END, parser, args)
-    return parser, args
+    return parse_frontend(fv.FRONT_END, argv, monkeypatch, steps_env)
 
 
 # ------------------------------------------------------------------------------------------------
