@@ -124,6 +124,13 @@ class CersaConfig:
         set_("train_bias", bool(self.train_bias))
 
     @property
+    def extra_components(self) -> int:
+        """How many singular components beyond each layer's truncation rank the init needs from the
+        decomposition (passed to ``from_factors`` after the truncation's r, with truncation_rank=r);
+        0 for the inits of INITS that start the delta inside the truncation or at zero."""
+        return 0
+
+    @property
     def scale(self) -> float:
         """The delta scale s = alpha / delta_rank (1.0 without alpha)."""
         return 1.0 if self.alpha is None else float(self.alpha) / self.delta_rank

@@ -253,17 +253,30 @@ class CersaLayer(CersaModule):
     @classmethod
     def from_factors(cls, U: Tensor, S: Tensor, Vh: Tensor, bias: Tensor | None = None, *,
                      geometry: dict | None = None, config: CersaConfig | None = None, scale: float | None = None,
-                     energy: float = float("nan"), dtype: torch.dtype | None = None, **options) -> "CersaLayer":
-        """Build the layer from truncated SVD factors U (m, r), S (r,), Vh (r, n) (float32/64) and an
-        optional bias (m,).  config / options: the delta options of CersaConfig (delta_rank, alpha,
+                     energy: float = float("nan"), dtype: torch.dtype | None = None,
+                     truncation_rank: int | None = None, **options) -> "CersaLayer":
+        """Build the layer from truncated SVD factors U (m, q), S (q,), Vh (q, n) (float32/64) and an
+        optional bias (m,).  truncation_rank: r <= q (default q), the rank of the truncation; the
+        components [0, r) are its singular triplets, and the q - r components after them (given only
+        when ``config.extra_components`` asks for them, themselves singular triplets of the part of W
+        beyond the truncation) are what an init that starts the delta outside the truncation uses.
+        config / options: the delta options of CersaConfig (delta_rank, alpha,
         init, train_S, train_bias, backend); scale overrides alpha / delta_rank.  Tensors are stored
         in ``dtype`` (default: U's dtype), rounded once.  geometry: the subclass's non-factor
         constructor arguments (default: in_features = n, out_features = m).  Inits: docs/design.md
-        "Initialisation"."""
+        "Initialisation".  Raises ValueError for a truncation_rank outside [0, q]."""
         if config is None:
             options.setdefault("energy", None)
             options.setdefault("rank", 0)
         config = CersaConfig.make(config, **options)
+        q = U.shape[1]
+        if truncation_rank is None:
+            truncation_rank = q
+        if isinstance(truncation_rank, bool) or not isinstance(truncation_rank, int) \
+                or not 0 <= truncation_rank <= q:
+            raise ValueError(f"truncation_rank: expected an int in [0, {q}] (the factors hold {q} components), "
+                             f"got {truncation_rank!r}")
+        U, S, Vh = U[:, :truncation_rank], S[:truncation_rank], Vh[:truncation_rank]
         m, r = U.shape
         n = Vh.shape[1]
         dtype = dtype or U.dtype
