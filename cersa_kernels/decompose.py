@@ -14,7 +14,8 @@ float32 (float64 for float64 weights):
 * "gram" -- eigendecomposition of the float64 Gram matrix of the smaller side (:func:`gram_svd`).
   Exact energy rank; factors as accurate as float32's unit roundoff allows wherever the retained
   sigma_r is not too small relative to ||W||_F (else it falls back to "full").  1.2-3.3x faster
-  per layer than "full" on the real MiniLM / SmolLM2 weights (bench/bench_convert_time.py).
+  per layer than "full" on the real MiniLM / SmolLM2 / DINOv2 weights (bench/bench_convert_time.py);
+  on the CPU with SciPy only the r retained eigenvectors are computed (GRAM_TOP_VECTORS).
 * "randomized" -- randomized range finder grown until the energy target is met
   (:func:`randomized_svd`).  Energy guarantee exact up to float32 rounding of the retained energy
   (~1e-6 relative); rank >= the exact energy rank (not always equal) except at cuts within that
@@ -187,9 +188,19 @@ class DecompositionInfo:
 SINGLE_THREAD_SVD_MAX_DIM = 1024
 
 
+#: Non-empty while :func:`truncated_svd_many` runs its worker threads: the thread limits (one torch
+#: thread, one BLAS thread) are then set once for the whole pool, and _svd_threads / _blas_threads
+#: leave them alone (they change process-wide settings, which concurrent workers must not restore
+#: under each other).
+_PINNED_THREADS: list = []
+
+
 @contextlib.contextmanager
 def _svd_threads(W: Tensor):
     """Limit torch's intra-op threads around a CPU SVD (see SINGLE_THREAD_SVD_MAX_DIM)."""
+    if _PINNED_THREADS:  # truncated_svd_many's workers: one thread each, set for the whole pool
+        yield
+        return
     env = os.environ.get("CERSA_SVD_THREADS")
     want = None
     if W.device.type == "cpu":
@@ -319,6 +330,9 @@ def _blas_threads(W: Tensor, want: int | None = None):
     """numpy's BLAS/LAPACK threads limited to ``want`` (default: as _svd_threads limits torch's,
     one thread for min(m, n) <= SINGLE_THREAD_SVD_MAX_DIM or ``$CERSA_SVD_THREADS``), through
     threadpoolctl when it is installed (otherwise numpy's own default stands)."""
+    if _PINNED_THREADS:
+        yield
+        return
     if want is None:
         env = os.environ.get("CERSA_SVD_THREADS")
         want = int(env) if env and env.isdigit() and int(env) > 0 else (
@@ -330,6 +344,8 @@ def _blas_threads(W: Tensor, want: int | None = None):
         try:
             from threadpoolctl import ThreadpoolController
 
+            if GRAM_TOP_VECTORS:
+                _scipy_lapack()  # SciPy's own OpenBLAS must be loaded to be seen (and limited) below
             _THREADPOOL.append(ThreadpoolController())  # inspecting the loaded libraries once: ~5 ms
         except ImportError:
             _THREADPOOL.append(None)
@@ -386,13 +402,82 @@ def gram_eigenvalue_error(shape: tuple[int, int], lam1: float, total: float) -> 
     return _EPS64 * (math.sqrt(big) * total + p * lam1)
 
 
-def _eigh_desc(G: Tensor, W: Tensor, vectors: bool):
+#: On the CPU with the numpy back end (GRAM_CPU_LAPACK), compute only the eigenvectors the
+#: truncation keeps when SciPy's LAPACK wrappers are importable (:func:`_tridiagonal_eigh_top`): the
+#: same tridiagonal reduction and divide-and-conquer as numpy.linalg.eigh (LAPACK dsyevd), but the
+#: back-transformation (2 p^2 r flops instead of 2 p^3) only for the r retained vectors.  On the
+#: real 576 x 576 SmolLM2 Gram matrices (one thread): 0.75-0.95x numpy.linalg.eigh's time, the same
+#: eigenvalues bit for bit (bench/bench_convert_time.py --solvers).  False: always all p vectors.
+GRAM_TOP_VECTORS = True
+
+#: Gram matrices smaller than this use numpy.linalg.eigh even when GRAM_TOP_VECTORS is set (the
+#: saving is below the call overhead).
+GRAM_TOP_VECTORS_MIN_DIM = 64
+
+
+def _scipy_lapack():
+    """scipy.linalg.lapack, or None when SciPy is not installed (it is optional)."""
+    try:
+        from scipy.linalg import lapack
+    except ImportError:
+        return None
+    return lapack
+
+
+def _tridiagonal_eigh_top(Gn, top):
+    """Eigenvalues (ascending, all p) and the eigenvectors of the ``top(eigenvalues)`` largest ones
+    of the symmetric float64 numpy array Gn (p, p), lower triangle read, with LAPACK through SciPy:
+    dsytrd (Householder tridiagonalisation G = Q T Q^T, blocked), dstevd (divide and conquer on T:
+    all eigenvalues and eigenvectors Z of T; what dsyevd does) and dormqr (V = Q Z for the last
+    r columns of Z only; dsyevd's dormtr applies Q to all p).  Q = diag(1, Q') with Q' the product
+    of the p - 1 reflectors that dsytrd stores below the subdiagonal, in dgeqrf's layout
+    (LAPACK's dormtr, UPLO = 'L').  Returns (lam (p,), V (p, r)), both float64 numpy, ascending
+    order as dsyevd; None when a LAPACK call reports an error (the caller then uses
+    numpy.linalg.eigh).  Source: LAPACK Users' Guide, 3rd ed., Sec. 2.4.4 and the dsyevd / dormtr
+    reference implementations; Golub & Van Loan, "Matrix Computations", 4th ed., Sec. 8.3.1."""
+    import numpy as np
+
+    lapack = _scipy_lapack()
+    p = Gn.shape[0]
+    lwork = int(lapack.dsytrd_lwork(p, lower=1)[0])
+    c, d, e, tau, info = lapack.dsytrd(Gn, lower=1, lwork=max(lwork, 1))
+    if info != 0:
+        return None
+    lam, Z, info = lapack.dstevd(d, e, compute_v=1)
+    if info != 0:
+        return None
+    r = int(top(torch.from_numpy(lam[::-1].copy()).clamp_min(0.0)))
+    r = max(0, min(r, p))
+    V = np.empty((p, r), dtype=np.float64)
+    if r:
+        V[0] = Z[0, p - r:]
+        Zr = np.asfortranarray(Z[1:, p - r:])
+        A = c[1:, :p - 1]
+        lw = int(lapack.dormqr("L", "N", A, tau, Zr, -1)[1][0])
+        V[1:], _, info = lapack.dormqr("L", "N", A, tau, Zr, max(lw, 1), overwrite_c=1)
+        if info != 0:
+            return None
+    return lam, V
+
+
+def _eigh_desc(G: Tensor, W: Tensor, vectors: bool, top=None):
     """Eigenvalues (descending, clamped at 0) and, with ``vectors``, eigenvectors (columns in the
-    same order) of the symmetric float64 G (lower triangle read), on G's device."""
+    same order) of the symmetric float64 G (lower triangle read), on G's device.
+
+    top: with ``vectors``, an optional function of the descending clamped eigenvalues (float64 CPU
+    tensor) returning how many leading eigenvectors the caller needs; V then has at least that many
+    columns (exactly that many on the SciPy path, see GRAM_TOP_VECTORS; all p elsewhere)."""
     if _use_numpy(G):
         import numpy as np
 
         with _blas_threads(W):
+            if vectors and top is not None and GRAM_TOP_VECTORS and G.shape[0] >= GRAM_TOP_VECTORS_MIN_DIM \
+                    and _scipy_lapack() is not None:
+                got = _tridiagonal_eigh_top(G.numpy(), top)
+                if got is not None:
+                    lam, V = got
+                    return (torch.from_numpy(lam[::-1].copy()).clamp_min(0.0),
+                            torch.from_numpy(V[:, ::-1].copy()))
             if vectors:
                 lam, V = np.linalg.eigh(G.numpy())
             else:
@@ -462,8 +547,24 @@ def _gram_svd(W: Tensor, energy: float | None, rank: int | None, where: str, fal
     with torch.no_grad(), _svd_threads(W):
         Wc = W.detach().to(_cdtype(W))
         G = _gram64(_small_side(Wc)[0])
-        lam, V = _eigh_desc(G, W, vectors=True)
-        return _gram_factors(W, Wc, float(G.diagonal().sum()), lam, V, energy, rank, where, fallback)
+        total = float(G.diagonal().sum())
+        lam, V = _eigh_desc(G, W, vectors=True,
+                            top=lambda lam: _gram_rank(W.shape, Wc.dtype, lam, total, energy, rank)[0])
+        return _gram_factors(W, Wc, total, lam, V, energy, rank, where, fallback)
+
+
+def _gram_rank(shape: tuple[int, int], cd: torch.dtype, lam_c: Tensor, total: float, energy: float | None,
+               rank: int | None) -> tuple[int, int, float]:
+    """(r, numerical rank, delta) of the Gram path from the descending clamped eigenvalues lam_c
+    (float64, CPU) of G = M^T M, total = trace(G) and the target (energy or rank); cd: the weight's
+    compute dtype; delta = gram_eigenvalue_error."""
+    m, n = shape
+    lam1 = float(lam_c[0])
+    delta = gram_eigenvalue_error((m, n), lam1, total)
+    thr = (max(m, n) * torch.finfo(cd).eps) ** 2 * lam1  # numerical_rank's threshold, squared
+    nz = int((lam_c > max(thr, delta)).sum()) if lam1 > 0 else 0
+    r = _energy_rank_sq(lam_c, energy, total, nz) if energy is not None else rank
+    return r, nz, delta
 
 
 def _gram_factors(W: Tensor, Wc: Tensor, total: float, lam: Tensor, V: Tensor, energy: float | None,
@@ -476,11 +577,7 @@ def _gram_factors(W: Tensor, Wc: Tensor, total: float, lam: Tensor, V: Tensor, e
     cd = Wc.dtype
     tall = m >= n
     lam_c = lam.cpu()
-    lam1 = float(lam_c[0])
-    delta = gram_eigenvalue_error((m, n), lam1, total)
-    thr = (max(m, n) * torch.finfo(cd).eps) ** 2 * lam1  # numerical_rank's threshold, squared
-    nz = int((lam_c > max(thr, delta)).sum()) if lam1 > 0 else 0
-    r = _energy_rank_sq(lam_c, energy, total, nz) if energy is not None else rank
+    r, nz, delta = _gram_rank((m, n), cd, lam_c, total, energy, rank)
     rel = (delta / (2.0 * float(lam_c[r - 1])) if float(lam_c[r - 1]) > 0 else math.inf) if r else 0.0
     note = ""
     if rel > GRAM_SIGMA_RTOL:
@@ -759,32 +856,79 @@ def truncated_svd(W: Tensor, energy: float | None = None, rank: int | None = Non
 
 
 def truncated_svd_many(weights, energy: float | None = None, rank: int | None = None, *, where=None,
-                       svd: str = "auto") -> list[tuple[Tensor, Tensor, Tensor, DecompositionInfo]]:
+                       svd: str = "auto", workers: int = 1
+                       ) -> list[tuple[Tensor, Tensor, Tensor, DecompositionInfo]]:
     """:func:`truncated_svd` of several weights with one target: a list of its results, in order.
 
     weights: a sequence of 2-D tensors (any shapes, dtypes, devices).  where: None (names
     "weight[i]") or one name per weight.  Every weight and the target are checked before any is
     decomposed, so a bad one raises ValueError/TypeError naming it with no work done.
-    svd: as truncated_svd ("auto": :func:`choose_svd` per weight).  The weights are decomposed one
-    by one: stacking same-shape weights into one batched float64 product and eigh measured no
-    faster on the CPU (LAPACK loops over a batch), so there is no batched path.
+    svd: as truncated_svd ("auto": :func:`choose_svd` per weight).
+    workers: how many weights are decomposed at the same time (a positive int, default 1: one by
+      one).  With workers > 1 and CPU weights, that many Python threads each decompose whole
+      weights with one torch thread and one BLAS thread (LAPACK, numpy and torch release the GIL),
+      instead of one weight at a time on several threads: independent single-threaded LAPACK calls
+      do not wait for each other, where a multi-threaded 576 x 576 eigendecomposition on a shared
+      2-core machine stalled at its synchronisation points (bench/bench_convert_time.py: median
+      112 ms with 2 BLAS threads against 70 ms with 1, some calls 6 s).  The thread settings are
+      process-wide for the duration of the call (other threads that call decompose meanwhile see
+      them too).  The results equal those of workers=1: the Gram path's bit for bit, the full
+      SVD's within float32 rounding (MKL can take another code path in a new thread).
+      CUDA weights are always decomposed one by one.  Stacking same-shape weights into one batched
+      float64 product and eigh measured no faster on the CPU (LAPACK loops over a batch), so there
+      is no batched path.
+    Raises ValueError for a bad ``workers`` as well.
     """
     weights = list(weights)
     names = [f"weight[{i}]" for i in range(len(weights))] if where is None else list(where)
     if len(names) != len(weights):
         raise ValueError(f"where: expected {len(weights)} names, one per weight, got {len(names)}")
     check_svd(svd)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers: expected a positive int, got {workers!r}")
     reqs = [_check_target(W, energy, rank, nm) for W, nm in zip(weights, names)]
-    out = []
-    for W, nm, (e, rk, m, n, _) in zip(weights, names, reqs):
+
+    def one(i: int):
+        W, nm, (e, rk, m, n, _) = weights[i], names[i], reqs[i]
         meth = choose_svd((m, n), energy=e, rank=rk, dtype=W.dtype, device=W.device) if svd == "auto" else svd
         if meth == "randomized":
-            out.append(randomized_svd(W, energy=e, rank=rk, where=nm))
-        elif meth == "gram":
-            out.append(_gram_svd(W, e, rk, nm))
-        else:
-            out.append(_full_svd(W, e, rk, nm))
+            return randomized_svd(W, energy=e, rank=rk, where=nm)
+        if meth == "gram":
+            return _gram_svd(W, e, rk, nm)
+        return _full_svd(W, e, rk, nm)
+
+    cpu = [i for i, W in enumerate(weights) if W.device.type == "cpu"]
+    if workers == 1 or len(cpu) < 2:
+        return [one(i) for i in range(len(weights))]
+    from concurrent.futures import ThreadPoolExecutor
+
+    out: list = [None] * len(weights)
+    probe = weights[cpu[0]]
+    with _svd_threads_exactly(1), _blas_threads(probe, want=1):
+        _PINNED_THREADS.append(True)
+        try:
+            with ThreadPoolExecutor(max_workers=min(workers, len(cpu))) as pool:
+                for i, res in zip(cpu, pool.map(one, cpu)):
+                    out[i] = res
+        finally:
+            _PINNED_THREADS.pop()
+    for i in range(len(weights)):
+        if out[i] is None:
+            out[i] = one(i)
     return out
+
+
+@contextlib.contextmanager
+def _svd_threads_exactly(want: int):
+    """torch's intra-op threads set to ``want`` for the block (restored afterwards)."""
+    old = torch.get_num_threads()
+    if old != want:
+        torch.set_num_threads(want)
+    try:
+        yield
+    finally:
+        if old != want:
+            torch.set_num_threads(old)
 
 
 def singular_values(W: Tensor, where: str = "weight", *, svd: str = "full") -> Tensor:
