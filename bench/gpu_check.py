@@ -13,6 +13,15 @@ TF32, bf16, fp16), forward and every gradient (x, U, S, Vh, A, B, bias) of
 ``cersa_kernels.cersa_linear`` on fresh random data (never zeros) are compared with the float64
 reference; error = max|out - ref| / max|ref|; bounds fp32 5e-5, tf32 5e-3, fp16 5e-3, bf16 3e-2.
 
+Part 1b (quantized factors): for the same backends, U and Vh as ``QuantizedMatrix`` codes (int8, nf4,
+nf4 with double quantization; cersa_kernels/quant.py) at the MiniLM shapes (384x384 r 176,
+1536x384 r 273, 384x1536 r 263; k = 16, N = 512) in fp32 and bf16 and an odd shape (37 rows,
+45 -> 29, r 7, k 3, blocks of 16 that do not divide the factors) in fp32, bf16 and fp16: forward
+and every gradient (x, S, A, B, bias; the codes are frozen, so no dU / dVh: "-") against the float64
+reference computed from the decoded factors (``QuantizedMatrix.dequantize(torch.float64)``, what
+``CersaLinear.dequantized_factors`` returns), same bounds.  "fused" after the backend: its
+quantized kernels run (cuda: the panel-decode schedule); otherwise the call decodes each factor.
+
 Part 2 (timing, bf16): forward, backward and forward+backward medians (triton.testing.do_bench,
 CUDA events) of
   dense+LoRA  a frozen nn.Linear (cuBLAS) plus PEFT-style lora_A / lora_B (k = 16, alpha = 32),
@@ -56,6 +65,7 @@ def parse_args(argv=None):
                    help="run tiny shapes on the CPU under the Triton interpreter (tests this script)")
     p.add_argument("--skip-check", action="store_true", help="skip the correctness part")
     p.add_argument("--skip-timing", action="store_true", help="skip the timing part")
+    p.add_argument("--skip-quant", action="store_true", help="skip the quantized-factor correctness part")
     return p.parse_args(argv)
 
 
@@ -92,6 +102,8 @@ def main(argv=None) -> int:
     failures = 0
     if not args.skip_check:
         failures = correctness(torch, cersa_linear, backends, device, small=args.cpu_smoke)
+    if not args.skip_check and not args.skip_quant:
+        failures += quantized_correctness(torch, cersa_linear, backends, device, small=args.cpu_smoke)
     if not args.skip_timing:
         failures += timing(torch, cersa_linear, backends, device, t_start, args.budget, smoke=args.cpu_smoke)
     print(f"total {time.time() - t_start:.0f} s; correctness failures: {failures}")
@@ -173,6 +185,86 @@ def correctness(torch, cersa_linear, backends, device, small=False):
                 print(f"{be:<10} {label:<5} {shape:<24} {err_txt}  {bound:6.0e}  {'ok' if ok else 'FAIL'}")
     if triton_backend is not None:
         triton_backend.set_autotune(autotune_before)
+    return failures
+
+
+# ------------------------------------------------------------------------------------------------
+# part 1b: quantized factors
+# ------------------------------------------------------------------------------------------------
+
+#: (code type, double quantization) of the quantized check.
+QUANT_FORMATS = (("int8", False), ("nf4", False), ("nf4", True))
+
+
+def _fused(name, device):
+    """Whether backend ``name`` runs quantized factors through its own kernels on ``device``."""
+    from cersa_kernels.backends import load_backend
+
+    probe = getattr(load_backend(name), "has_quantized_kernels", None)
+    return probe is not None and bool(probe(device))
+
+
+def quantized_correctness(torch, cersa_linear, backends, device, small=False):
+    from cersa_kernels.quant import QuantizedMatrix
+
+    print("\n== quantized factors: max|out - ref| / max|ref| against float64 from the decoded codes ==")
+    # (N, n, m, r, k, block), dtype labels
+    odd = ((37, 45, 29, 7, 3, 16), ("fp32", "bf16", "fp16"))
+    cases = [odd] if small else [odd, ((512, 384, 384, 176, 16, 64), ("fp32", "bf16")),
+                                 ((512, 384, 1536, 273, 16, 64), ("fp32", "bf16")),
+                                 ((512, 1536, 384, 263, 16, 64), ("fp32", "bf16"))]
+    names = ("y", "dx", "dU", "dS", "dVh", "dA", "dB", "dbias")
+    print(f"{'backend':<16} {'dtype':<5} {'N x n -> m, r, k':<24} " + " ".join(f"{c:>8}" for c in names)
+          + "   bound  result")
+    failures = 0
+    gen = torch.Generator().manual_seed(4321)
+    dtypes = [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)]
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:  # one kernel configuration per variant, as in part 1 (compile time)
+        import cersa_kernels.backends.triton as triton_backend
+        autotune_before = triton_backend.autotune_enabled()
+        triton_backend.set_autotune(False)
+    except Exception:
+        triton_backend = None
+    try:
+        for (N, n, m, r, k, block), labels in cases:
+            for qt, dq in QUANT_FORMATS:
+                for label, dtype in dtypes:
+                    if label not in labels:
+                        continue
+                    x, U, S, Vh, A, B, bias = _factors(torch, N, n, m, r, k, dtype, device, gen)
+                    Uq = QuantizedMatrix.quantize(U.float(), qt, block, dq, dtype=dtype)
+                    Vhq = QuantizedMatrix.quantize(Vh.float(), qt, block, dq, dtype=dtype)
+                    dy = torch.randn(N, m, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+                    leaves64 = [t.double().requires_grad_(True) for t in (x, S, A, B, bias)]
+                    x64, S64, A64, B64, b64 = leaves64
+                    y64 = cersa_linear(x64, Uq.dequantize(torch.float64), S64, Vhq.dequantize(torch.float64),
+                                       A64, B64, b64, scale=2.0, backend="reference")
+                    y64.backward(dy.double())
+                    want = [y64.detach()] + [t.grad for t in leaves64]
+                    for be in backends:
+                        tag = f"{be}/{qt}{'+dq' if dq else ''}{' fused' if _fused(be, device) else ''}"
+                        try:
+                            leaves = [t.clone().requires_grad_(True) for t in (x, S, A, B, bias)]
+                            xl, Sl, Al, Bl, bl = leaves
+                            y = cersa_linear(xl, Uq, Sl, Vhq, Al, Bl, bl, scale=2.0, backend=be)
+                            y.backward(dy)
+                            got = [y.detach()] + [t.grad for t in leaves]
+                            errs = [_rel(g, w) for g, w in zip(got, want)]
+                            e = dict(zip(("y", "dx", "dS", "dA", "dB", "dbias"), errs))
+                            err_txt = " ".join(f"{'-':>8}" if c in ("dU", "dVh") else f"{e[c]:8.1e}" for c in names)
+                        except Exception as exc:  # report and go on: the table must still come out
+                            errs, err_txt = [math.inf], f"ERROR {type(exc).__name__}: {str(exc)[:120]}"
+                        bound = BOUNDS[label]
+                        ok = all(v <= bound for v in errs)
+                        failures += not ok
+                        shape = f"{N}x{n}->{m},{r},{k}"
+                        print(f"{tag:<16} {label:<5} {shape:<24} {err_txt}  {bound:6.0e}  {'ok' if ok else 'FAIL'}")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+        if triton_backend is not None:
+            triton_backend.set_autotune(autotune_before)
     return failures
 
 

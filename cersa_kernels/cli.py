@@ -2,6 +2,7 @@
 
     cersa-kernels plan [MODEL] [--energy 0.9 0.93 0.95] [--budget 0.8] [--max-rank R]
                        [--rank-multiple M] [--target REGEX] [--exclude REGEX] [--png energy.png]
+                       [--quantize none|int8|nf4] [--quant-block-size B] [--double-quant] [--delta-rank K]
     cersa-kernels convert SOURCE OUT.safetensors [--energy 0.93 | --budget B | --rank R]
                        [--target-modules NAME ...] [--exclude NAME ...] [--device cpu|cuda]
                        [--delta-rank K] [--max-shard-size MIB] [--no-progress]
@@ -147,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--exclude", default=None, help="regex of module names to leave out")
     pl.add_argument("--png", default="cersa_plan.png", help="where to write the plot (default cersa_plan.png; "
                                                             "'' for none)")
+    pl.add_argument("--quantize", choices=("none", "int8", "nf4"), default="none",
+                    help="storage of the frozen U, Vh the sizes and the keep-dense decision assume (as "
+                         "convert(quantize=...); default none)")
+    pl.add_argument("--quant-block-size", type=int, default=64, metavar="B",
+                    help="numbers per absmax block of the codes (a power of two, default 64)")
+    pl.add_argument("--double-quant", action="store_true", help="quantize the block scales again (QLoRA's)")
+    pl.add_argument("--delta-rank", type=int, default=16,
+                    help="rank k of the trainable delta (the principal components it holds count in "
+                         "the sizes; default 16)")
     pl.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
     cv = sub.add_parser("convert", help="stream a checkpoint into a cersa_kernels file, one weight at a time",
@@ -214,8 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             p = plan(model, energies, budget=args.budget, max_rank=args.max_rank, rank_multiple=args.rank_multiple,
                      target_modules=args.target, exclude=args.exclude,
-                     max_frozen_ratio=args.max_frozen_ratio if args.max_frozen_ratio > 0 else None)
-        except ValueError as exc:
+                     max_frozen_ratio=args.max_frozen_ratio if args.max_frozen_ratio > 0 else None,
+                     quantize=None if args.quantize == "none" else args.quantize,
+                     quant_block_size=args.quant_block_size, double_quant=args.double_quant,
+                     delta_rank=args.delta_rank)
+        except (ValueError, TypeError) as exc:
             print(f"cersa-kernels plan: {exc}", file=sys.stderr)
             return 2
         print(f"model: {args.model} ({len(p.layers)} target weights)")

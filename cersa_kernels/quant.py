@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["QUANT_TYPES", "DOUBLE_QUANT_BLOCK", "nf4_levels", "check_quantize", "check_block_size", "dequantize",
-           "QuantizedMatrix"]
+           "quantized_nbytes", "QuantizedMatrix"]
 
 #: values of ``quantize=``.
 QUANT_TYPES = ("int8", "nf4")
@@ -81,6 +81,25 @@ def check_block_size(block_size, name: str = "quant_block_size") -> int:
     if block_size < 2 or block_size & (block_size - 1):
         raise ValueError(f"{name}: expected a power of two >= 2, got {block_size}")
     return block_size
+
+
+def quantized_nbytes(rows: int, cols: int, quant_type: str, block_size: int = 64, double_quant: bool = False) -> int:
+    """Bytes a ``QuantizedMatrix`` of a (rows, cols) matrix stores (what its ``nbytes()`` returns),
+    from the shape alone: codes (int8: rows cols bytes; nf4: ceil(rows cols / 2)) plus the scales of
+    the ceil(rows cols / block_size) blocks (float32 each, or with double_quant one int8 code each,
+    a float32 per 256 of them and one float32 offset).  Raises ValueError for a bad quant_type /
+    block_size or a negative size (the math: the module doc)."""
+    check_quantize(quant_type)
+    if quant_type is None:
+        raise ValueError("quant_type: expected one of ('int8', 'nf4'), got None")
+    check_block_size(block_size)
+    if int(rows) < 0 or int(cols) < 0:
+        raise ValueError(f"rows, cols: expected sizes >= 0, got ({rows}, {cols})")
+    numel = int(rows) * int(cols)
+    blocks = -(-numel // block_size)
+    codes = numel if quant_type == "int8" else -(-numel // 2)
+    scales = blocks + 4 * (-(-blocks // DOUBLE_QUANT_BLOCK)) + 4 if double_quant else 4 * blocks
+    return codes + scales
 
 
 def _blocks(flat: Tensor, block: int) -> Tensor:

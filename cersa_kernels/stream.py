@@ -28,7 +28,8 @@ from .config import CersaConfig
 from .convert import config_from_keywords, seeded
 from .decompose import singular_values
 from .io import ShardedWriter, model_metadata
-from .planning import budget_ranks, keeps_dense, layer_ranks, policy_summary, spectrum_method
+from .planning import (budget_ranks, keeps_dense, layer_nbytes, layer_ranks, no_saving_reason, policy_summary,
+                       spectrum_method)
 from .report import ConversionReport, LayerRecord, record_of
 from .targets import collect
 
@@ -244,9 +245,17 @@ def convert_file(source, out, energy: float | None = 0.93, *, rank: int | None =
     with the config), ``out`` (a missing folder, the source itself), ``target_modules`` / ``exclude``
     (a pattern that matches nothing), ``device``, or the CersaConfig field at fault.
     Returns a :class:`StreamResult`.
+    Activation-aware truncation needs the model to run on calibration data, which a file on disk
+    cannot: ``calibration`` and the other ``calibration_*`` keywords raise TypeError here;
+    load the model and use ``cersa_kernels.convert(model, calibration=...)`` (docs/design.md
+    "Activation-aware truncation").
     """
     from tqdm.auto import tqdm
 
+    calib = sorted(k for k in options if k.startswith("calibration"))
+    if calib:
+        raise TypeError(f"{calib[0]}: convert_file cannot run the model, so it cannot calibrate the truncation "
+                        f"on its inputs; load the model and call cersa_kernels.convert(model, calibration=...)")
     config = config_from_keywords(energy, rank, budget, config, options)
     dev = _check_device(device)
     src = Source(source)
@@ -358,11 +367,10 @@ def convert_file(source, out, energy: float | None = 0.93, *, rank: int | None =
                 with seeded(name, dev):
                     new = cls.from_dense(real, config, ranks=ranks, name=name)
                 rec = record_of(name, new)
-                trunc = new.stored_numbers()[0]
-                if keeps_dense(trunc, rec.params_before, config.max_frozen_ratio):
+                stored, dense = layer_nbytes(new)  # bytes, as convert decides
+                if keeps_dense(stored, dense, config.max_frozen_ratio):
                     rec.status, rec.params_after = "dense", 0
-                    rec.reason = (f"no saving: rank {new.rank} stores r(m+n+1) = {trunc:,} >= "
-                                  f"{config.max_frozen_ratio:g} x {rec.params_before:,}")
+                    rec.reason = no_saving_reason(new, stored, dense, config.max_frozen_ratio)
                     for f in keys.values():
                         writer.add(f, src.get(f))
                 else:

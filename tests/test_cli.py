@@ -76,3 +76,30 @@ def test_plan_bad_arguments(capsys, tmp_path):
     assert "matches no module name" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="neither"):
         cli.main(["plan", str(tmp_path / "missing"), "--png", ""])
+
+
+def test_plan_quantize_shows_bytes_of_the_codes(capsys):
+    """--quantize nf4 sizes the factors as codes: the pooler (rank 217 at 0.93: more numbers than W,
+    left dense unquantized) converts, and the totals are the bytes plan(..., quantize=) gives."""
+    args = ["plan", "--energy", "0.93", "--target", r"pooler\.dense", "--png", ""]
+    assert cli.main(args) == 0
+    plain = capsys.readouterr().out
+    row = next(l for l in plain.splitlines() if l.startswith("pooler.dense"))
+    assert row.split()[5] == "dense"
+    assert cli.main(args + ["--quantize", "nf4", "--double-quant", "--quant-block-size", "64"]) == 0
+    out = capsys.readouterr().out
+    row = next(l for l in out.splitlines() if l.startswith("pooler.dense"))
+    assert row.split()[5].isdigit()
+    model = cli.load_model_for_plan("minilm")
+    p = ck.plan(model, [0.93], target_modules=r"pooler\.dense", quantize="nf4", double_quant=True)
+    s = "energy 0.93"
+    total = next(l for l in out.splitlines() if l.startswith("total"))
+    assert f"{p.nbytes(s) / p.dense_nbytes():.3f}x dense" in total and f"{p.nbytes(s) / 2**20:.3f}" in total
+    assert "nf4 codes in blocks of 64 with double quantization" in out
+    assert f"frozen weights alone (without the principal delta) {p.frozen_nbytes(s) / 2**20:.3f} MiB" in out
+    assert p.frozen_nbytes(s) < 0.2 * p.dense_nbytes()
+    assert cli.main(args + ["--quantize", "int8", "--quant-block-size", "48"]) == 2
+    assert "quant_block_size" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(args + ["--quantize", "fp4"])
+    assert e.value.code == 2
