@@ -22,6 +22,7 @@ from .config import CersaConfig  # noqa: E402
 from .layers import (CersaConv1D, CersaConv1d, CersaConv2d, CersaConv3d, CersaLayer, CersaLinear, CersaModule,  # noqa: E402,E501
                      CersaMultiheadAttention, register_layer)
 from .report import ConversionReport, ParamCount, count_parameters, get_report  # noqa: E402
+from .calibrate import CalibrationStats, collect_moments, weighted_truncated_svd  # noqa: E402
 from .planning import Plan, plan  # noqa: E402
 from .convert import convert, merge  # noqa: E402
 from .io import load, load_adapter, save, save_adapter  # noqa: E402
@@ -31,4 +32,5 @@ __all__ = ["__version__", "available_backends", "energy_rank", "truncated_svd", 
            "CersaModule", "CersaLayer", "CersaLinear", "CersaConv1D", "CersaConv1d", "CersaConv2d", "CersaConv3d",
            "CersaMultiheadAttention",
            "register_layer", "ConversionReport", "ParamCount", "Plan", "plan", "convert", "count_parameters",
-           "get_report", "merge", "load", "load_adapter", "save", "save_adapter", "convert_file"]
+           "get_report", "merge", "load", "load_adapter", "save", "save_adapter", "convert_file",
+           "CalibrationStats", "collect_moments", "weighted_truncated_svd"]

@@ -15,11 +15,18 @@ from .backends import check_backend_name
 from .decompose import check_energy, check_svd
 from .quant import check_block_size, check_quantize
 
-__all__ = ["CersaConfig", "INITS"]
+__all__ = ["CersaConfig", "INITS", "SPLIT_INITS", "QUANT_INITS"]
 
 #: values of ``init``: "principal" (the top min(k, r) retained components start in the delta, as
-#: PiSSA) and "lora" (A Kaiming-uniform, B zero).  docs/design.md "Initialisation".
-INITS = ("principal", "lora")
+#: PiSSA), "lora" (A Kaiming-uniform, B zero) and "residual" (the truncation stays frozen; the delta
+#: starts on the next k singular components of W beyond it).  docs/design.md "Initialisation".
+INITS = ("principal", "lora", "residual")
+#: the inits whose delta starts on singular components, split A = sqrt(S / c) Vh, B = U sqrt(S / c)
+#: with the delta scale s = c (``split_scale``).
+SPLIT_INITS = ("principal", "residual")
+#: values of ``quant_init``: None (the delta starts as ``init`` says) or "loftq" (the delta also
+#: absorbs the quantization error of the frozen factors).  docs/design.md "Initialisation".
+QUANT_INITS = (None, "loftq")
 
 
 def _is_int(v) -> bool:
@@ -49,7 +56,13 @@ class CersaConfig:
     Delta options:
       delta_rank: k >= 1, the rank of the trainable delta B A.
       alpha: LoRA-style scale numerator, scale = alpha / k (None: scale 1); only with init="lora".
-      init: "principal" or "lora" (INITS).
+      init: "principal", "lora" or "residual" (INITS).
+      split_scale: the delta scale c of the "principal" / "residual" split, A = sqrt(S / c) Vh,
+        B = U sqrt(S / c), s = c (s B A is the same for every c; Adam's step on s B A grows as
+        sqrt(c)): "auto" (default; per layer, so that the first Adam step changes s B A about as
+        much as a LoRA delta of the same rank with scale 2, lora_alpha = 2 k, does) or a number > 0
+        (1.0: PiSSA's split).
+        Used only by those two inits.
       train_S, train_bias: make S / the bias trainable too.
       backend: None (automatic) or a backend name of ``cersa_kernels.backends.BACKENDS``.
     Factor storage:
@@ -57,6 +70,11 @@ class CersaConfig:
         scales; S, the delta and the bias stay in their dtype).  docs/design.md "Quantized factors".
       quant_block_size: numbers per absmax block, a power of two >= 2 (default 64).
       double_quant: quantize the block scales again (int8 in blocks of 256; nf4: 4.13 bits per number).
+      quant_init: None or "loftq" (default): with quantize, the delta starts from the best rank-k
+        approximation of (intended matrix - the matrix of the dequantized frozen factors), so it absorbs
+        the quantization error as LoftQ does; ignored without quantize.
+      loftq_iters: LoftQ's alternating steps (int >= 1, default 1): each re-fits the frozen factors to
+        (intended - delta), quantizes them, and re-fits the delta.
     Raises TypeError / ValueError naming the field, the expected and the received value.
     """
 
@@ -76,6 +94,9 @@ class CersaConfig:
     quantize: str | None = None
     quant_block_size: int = 64
     double_quant: bool = False
+    split_scale: float | str = "auto"
+    quant_init: str | None = "loftq"
+    loftq_iters: int = 1
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -112,10 +133,27 @@ class CersaConfig:
         if self.alpha is not None and (not _is_real(self.alpha) or not math.isfinite(self.alpha)):
             raise TypeError(f"alpha: expected a finite real number or None, got {type(self.alpha).__name__} "
                             f"{self.alpha!r}")
-        if self.init == "principal" and self.scale != 1.0:
-            raise ValueError(f"alpha: init='principal' fixes scale = 1 (A, B carry sqrt(S)); got alpha={self.alpha!r} "
+        if self.init in SPLIT_INITS and self.alpha is not None:
+            raise ValueError(f"alpha: init={self.init!r} sets the scale itself (split_scale); got alpha={self.alpha!r} "
                              f"with delta_rank={self.delta_rank}, i.e. scale {self.alpha / self.delta_rank}; "
                              f"use init='lora' or alpha=None")
+        if isinstance(self.split_scale, str):
+            if self.split_scale != "auto":
+                raise ValueError(f"split_scale: expected 'auto' or a number > 0, got {self.split_scale!r}")
+        elif not _is_real(self.split_scale):
+            raise TypeError(f"split_scale: expected 'auto' or a number > 0, got {type(self.split_scale).__name__} "
+                            f"{self.split_scale!r}")
+        elif not (math.isfinite(self.split_scale) and self.split_scale > 0):
+            raise ValueError(f"split_scale: expected 'auto' or a finite number > 0, got {self.split_scale!r}")
+        else:
+            set_("split_scale", float(self.split_scale))
+        if self.quant_init not in QUANT_INITS:
+            raise ValueError(f"quant_init: expected one of {QUANT_INITS}, got {self.quant_init!r}")
+        if not _is_int(self.loftq_iters):
+            raise TypeError(f"loftq_iters: expected an int >= 1, got {type(self.loftq_iters).__name__} "
+                            f"{self.loftq_iters!r}")
+        if self.loftq_iters < 1:
+            raise ValueError(f"loftq_iters: expected an int >= 1, got {self.loftq_iters}")
         check_backend_name(self.backend)
         check_quantize(self.quantize)
         check_block_size(self.quant_block_size)
@@ -126,13 +164,15 @@ class CersaConfig:
     @property
     def extra_components(self) -> int:
         """How many singular components beyond each layer's truncation rank the init needs from the
-        decomposition (passed to ``from_factors`` after the truncation's r, with truncation_rank=r);
-        0 for the inits of INITS that start the delta inside the truncation or at zero."""
-        return 0
+        decomposition (passed to ``from_factors`` after the truncation's r, with truncation_rank=r):
+        delta_rank for "residual" (its delta starts on the k components after the truncation), 0 for
+        "principal" and "lora" (delta inside the truncation or at zero)."""
+        return self.delta_rank if self.init == "residual" else 0
 
     @property
     def scale(self) -> float:
-        """The delta scale s = alpha / delta_rank (1.0 without alpha)."""
+        """The delta scale s = alpha / delta_rank (1.0 without alpha) of init="lora"; the split inits
+        ("principal", "residual") choose theirs per layer (``split_scale``)."""
         return 1.0 if self.alpha is None else float(self.alpha) / self.delta_rank
 
     def replace(self, **changes) -> "CersaConfig":

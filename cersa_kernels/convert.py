@@ -18,9 +18,14 @@ import zlib
 import torch
 from torch import nn
 
+from .calibrate import (DEFAULT_CALIBRATION_MEMORY, DEFAULT_DAMPING, calibration_groups, check_calibration,
+                        check_damping, check_memory, collect_moments, is_one_shot, merge_stats,
+                        weighted_singular_values, weighted_truncated_svd)
 from .config import CersaConfig
 from .layers import CersaModule, is_cersa
-from .planning import policy_summary, keeps_dense, layer_ranks
+from .decompose import singular_values
+from .planning import spectrum_method
+from .planning import policy_summary, keeps_dense, layer_nbytes, layer_ranks, no_saving_reason
 from .report import ConversionReport, record_of
 from .targets import (attach_skeleton, carry_over, cersa_modules, collect, disable_fast_paths, module_names,
                       refused_hooks, restore_dense, restore_fast_paths, set_module, unwrap)
@@ -73,6 +78,8 @@ def _device_of(module: nn.Module) -> torch.device:
 
 def convert(model: nn.Module, energy: float | None = 0.93, *, rank: int | None = None, budget: float | None = None,
             target_modules=None, exclude=None, progress: bool = True, config: CersaConfig | None = None,
+            calibration=None, calibration_damping: float = DEFAULT_DAMPING,
+            calibration_memory: int = DEFAULT_CALIBRATION_MEMORY, calibration_rank: str = "weight",
             **options) -> nn.Module:
     """Replace the model's layers in place by CERSA layers; returns the model.
 
@@ -101,9 +108,10 @@ def convert(model: nn.Module, energy: float | None = 0.93, *, rank: int | None =
       rank_multiple: ranks rounded UP to a multiple of this (e.g. 8 or 16, kernel tile sizes; up so
         the energy target still holds), or down to min(m, n); with a budget the allocation runs in
         blocks of this many components.  max_rank wins over rank_multiple.
-    svd: "auto" (default: randomized SVD for weights with min(m, n) >= 512 and energy < 1, else
-      full), "full", or "randomized" (stops as soon as the exact retained energy reaches tau;
-      decompose.randomized_svd).  The SVD runs on the weight's device (GPU when the model is there).
+    svd: "auto" (default: the cheapest exact-rank method for the weight's shape and target by
+      decompose.choose_svd's cost model, in practice the float64 Gram path below energy 1), "full",
+      "gram" (decompose.gram_svd) or "randomized" (stops as soon as the exact retained energy reaches
+      tau; decompose.randomized_svd).  The SVD runs on the weight's device (GPU when the model is there).
     delta_rank, alpha, init, train_S, train_bias, backend: as ``CersaLinear.from_linear``.
     config: a ``cersa_kernels.CersaConfig`` holding all of the options above instead (keywords
       given as well override its fields).
@@ -115,6 +123,31 @@ def convert(model: nn.Module, energy: float | None = 0.93, *, rank: int | None =
     max_frozen_ratio: a layer is converted only when its stored numbers r(m + n + 1) are below
       max_frozen_ratio * m n; otherwise it stays dense and is reported (None converts every layer).
     progress: a tqdm bar with the current layer's name as postfix.
+    calibration: None (each weight truncated by its own spectrum), or data to truncate by the
+      layers' inputs instead (activation-aware truncation, docs/design.md "Activation-aware
+      truncation"; ``cersa_kernels.calibrate``): an iterable of model inputs (a Tensor x ->
+      model(x), a tuple / list -> model(*x), a dict -> model(**x)) or a callable fn(model) that
+      runs the model on the calibration data itself.  The model runs under torch.no_grad() in eval
+      mode (modes restored) with forward hooks on the target modules only (removed afterwards, also
+      on errors); every matrix's input second moment C (n, n, float64) is accumulated, and the
+      rank and factors come from the SVD of W L, L L^T = C + calibration_damping * mean(diag C) I:
+      the energy (and rank_multiple / max_rank / budget) policies act on that weighted spectrum, the
+      factors are the exact SVD of the best rank-r approximation of W in the output norm, and each
+      layer's ``energy`` is the output energy it keeps.  Matrices fed by one tensor (q / k / v,
+      gate / up) share one C; when the moments exceed calibration_memory bytes (default 2 GiB) they
+      are collected in several passes (the calibration must then be a callable or re-iterable).
+      calibration_rank: "weight" (default): the ranks are those of the plain conversion (W's own
+      spectrum, the same sizes), only the retained subspace is chosen on the inputs; "output": the
+      rank policies act on the weighted spectrum (output energy).  On all-MiniLM-L6-v2 at energy
+      0.93 "output" keeps 0.34x the numbers of "weight" (a few outlier input directions carry most of
+      the output energy) with a larger output error, so "weight" is the default (docs/design.md
+      "Activation-aware truncation").
+      Conv layers use their unfolded input patches; nn.MultiheadAttention needs self-attention
+      inputs (query is key is value).  The report's ``policy["calibration"]`` holds the cost
+      (calibrate.CalibrationStats: passes, seconds, peak_bytes, matrices, moments, damping,
+      memory_limit).  Bad calibration data (wrong type, no inputs, a layer it never reaches, a
+      one-shot iterator where several passes are needed) raises naming ``calibration`` or the layer;
+      calibration_damping must be finite and > 0, calibration_memory a positive int.
     After the first conversion of a model only the deltas A, B (and S or bias when asked) of
     converted layers require grad; every other parameter of the model is frozen.  A later call on a
     model that already holds CERSA layers sets only the flags of the layers it builds: converting
@@ -142,6 +175,12 @@ def convert(model: nn.Module, energy: float | None = 0.93, *, rank: int | None =
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     outer, model = model, unwrap(model)
     config = config_from_keywords(energy, rank, budget, config, options)
+    calibration_damping = check_damping(calibration_damping)
+    calibration_memory = check_memory(calibration_memory)
+    if calibration_rank not in CALIBRATION_RANKS:
+        raise ValueError(f"calibration_rank: expected one of {CALIBRATION_RANKS}, got {calibration_rank!r}")
+    if calibration is not None:
+        check_calibration(calibration)
     report = ConversionReport(energy=config.energy)
     first = not cersa_modules(model)
     todo, names = collect(model, target_modules, exclude, report)
@@ -162,8 +201,13 @@ def convert(model: nn.Module, energy: float | None = 0.93, *, rank: int | None =
             bar.update(1)
 
     built: list[tuple[str, nn.Module]] = []
+    weighted = [None] * len(todo)
     try:
-        if budgeted:  # spectra of every layer first (no random numbers: singular values)
+        if calibration is not None and todo:  # input moments (the model runs; nothing in it changes)
+            bar.set_postfix_str("calibration", refresh=True)
+            ranks, weighted, policy = _calibrated_ranks(model, todo, config, calibration, calibration_damping,
+                                                        calibration_memory, plan_tick, calibration_rank)
+        elif budgeted:  # spectra of every layer first (no random numbers: singular values)
             ranks, policy = layer_ranks(todo, config, progress=plan_tick)
         else:  # a per-layer policy: each layer's ranks under its own seed, as stream.convert_file does
             ranks, policy = [], policy_summary(config)
@@ -171,17 +215,16 @@ def convert(model: nn.Module, energy: float | None = 0.93, *, rank: int | None =
                 with seeded(item[0], _device_of(item[1])):
                     ranks.append(layer_ranks([item], config)[0][0])
         report.policy = policy
-        for (name, mod, cls), rk in zip(todo, ranks):
+        for (name, mod, cls), rk, factors in zip(todo, ranks, weighted):
             bar.set_postfix_str(name, refresh=False)
             with seeded(name, _device_of(mod)):
-                new = cls.from_dense(mod, config, ranks=rk, name=name)
+                new = cls.from_dense(mod, config, ranks=rk, name=name, factors=factors)
             bar.update(1)
             rec = record_of(name, new)
-            trunc = new.stored_numbers()[0]
-            if keeps_dense(trunc, rec.params_before, config.max_frozen_ratio):
+            stored, dense = layer_nbytes(new)  # bytes: quantized codes count as what they take
+            if keeps_dense(stored, dense, config.max_frozen_ratio):
                 rec.status = "dense"
-                rec.reason = (f"no saving: rank {new.rank} stores r(m+n+1) = {trunc:,} >= "
-                              f"{config.max_frozen_ratio:g} x {rec.params_before:,}")
+                rec.reason = no_saving_reason(new, stored, dense, config.max_frozen_ratio)
                 rec.params_after = rec.frozen_bytes = 0
                 report.layers.append(rec)
                 continue
@@ -211,6 +254,94 @@ def convert(model: nn.Module, energy: float | None = 0.93, *, rank: int | None =
     if outer is not model:
         outer.__dict__["cersa_report"] = report
     return outer
+
+
+#: values of ``convert``'s calibration_rank: the spectrum the rank policies read under calibration.
+CALIBRATION_RANKS = ("output", "weight")
+
+
+def _calibrated_ranks(model, todo, config: CersaConfig, calibration, damping: float, memory: int, plan_tick,
+                      rank_source: str = "output"):
+    """(ranks, factors, policy) of the activation-aware truncation of every target (docs/design.md
+    "Activation-aware truncation"): the targets are collected in groups whose moments fit in
+    ``memory`` bytes (calibrate.calibration_groups), one pass over the calibration data each; a
+    group's moments are dropped once its layers are decomposed.  With a budget every weighted
+    spectrum is needed before any rank is known, so several groups take two rounds of passes
+    (spectra, then factors); one group keeps its moments for both.  rank_source "weight": the
+    ranks of the plain conversion (W's own spectra), one round."""
+    groups = calibration_groups(todo, memory)
+    budgeted = config.budget is not None and rank_source == "output"
+    rounds = 2 if budgeted and len(groups) > 1 else 1
+    if is_one_shot(calibration) and len(groups) * rounds > 1:
+        raise ValueError(f"calibration: the input moments need {len(groups) * rounds} passes over the calibration "
+                         f"data under calibration_memory={memory:,} bytes, but a one-shot iterator gives only one; "
+                         f"pass a list, a re-iterable data loader or a callable fn(model)")
+    stats = []
+
+    def moments_of(group):
+        mom, st = collect_moments(model, [todo[i] for i in group], calibration, memory=memory, damping=damping)
+        stats.append(st)
+        return mom
+
+    ranks, factors = [None] * len(todo), [None] * len(todo)
+    if rank_source == "weight":
+        spectra = None if config.rank is not None else []  # an explicit rank needs no spectrum
+        for name, mod, cls in (todo if spectra is not None else []):
+            if config.budget is not None:
+                plan_tick(name)
+            spectra.append([singular_values(W, name, svd=spectrum_method(config.svd)) for _, W in cls.matrices(mod)])
+        ranks, policy = layer_ranks(todo, config, spectra=spectra)
+        for group in groups:
+            mom = moments_of(group)
+            for i, Cs in zip(group, mom):
+                name, mod, cls = todo[i]
+                with seeded(name, _device_of(mod)):
+                    factors[i] = _weighted_factors(name, mod, cls, ranks[i], Cs, config, damping)
+            del mom
+    elif budgeted:
+        spectra, kept = [None] * len(todo), None
+        for group in groups:
+            mom = moments_of(group)
+            for i, Cs in zip(group, mom):
+                name, mod, cls = todo[i]
+                plan_tick(name)
+                spectra[i] = [weighted_singular_values(W, C, damping, name, svd=spectrum_method(config.svd))
+                              for (_, W), C in zip(cls.matrices(mod), Cs)]
+            kept = mom if rounds == 1 else None
+        ranks, policy = layer_ranks(todo, config, spectra=spectra)
+        for group in groups:
+            mom = kept if kept is not None else moments_of(group)
+            for i, Cs in zip(group, mom):
+                name, mod, cls = todo[i]
+                with seeded(name, _device_of(mod)):
+                    factors[i] = _weighted_factors(name, mod, cls, ranks[i], Cs, config, damping)
+    else:
+        policy = policy_summary(config)
+        for group in groups:
+            mom = moments_of(group)
+            for i, Cs in zip(group, mom):
+                name, mod, cls = todo[i]
+                with seeded(name, _device_of(mod)):
+                    ranks[i] = layer_ranks([todo[i]], config, moments=[Cs], damping=damping)[0][0]
+                    factors[i] = _weighted_factors(name, mod, cls, ranks[i], Cs, config, damping)
+            del mom
+    policy["calibration"] = merge_stats(stats).as_dict()
+    return ranks, factors, policy
+
+
+def _weighted_factors(name: str, mod: nn.Module, cls, ranks, moments, config: CersaConfig, damping: float) -> list:
+    """Per matrix of ``cls.matrices(mod)``: its activation-aware truncation (U, S, Vh, info) under
+    its planned rank (None: the config's energy or rank) and input moment (calibrate.weighted_truncated_svd;
+    extra components as the init asks).  docs/design.md "Activation-aware truncation"."""
+    mats = cls.matrices(mod)
+    ranks = list(ranks) if ranks is not None else [None] * len(mats)
+    out = []
+    for (label, W), rk, C in zip(mats, ranks, moments):
+        rank = rk if rk is not None else config.rank
+        out.append(weighted_truncated_svd(W, C, energy=config.energy if rank is None else None, rank=rank,
+                                          extra=config.extra_components, damping=damping,
+                                          where=f"{name}.{label}" if len(mats) > 1 else name, svd=config.svd))
+    return out
 
 
 def merge(model: nn.Module) -> nn.Module:

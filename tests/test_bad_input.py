@@ -69,7 +69,7 @@ CONVERT_CASES = {
     "target_regex_embedding": (Net, {"target_modules": r"fc1|emb"}, ValueError,
                                r"^target_modules: 'emb' is a Embedding; supported types"),
     "target_missing": (Net, {"target_modules": ["fc3"]}, ValueError, r"^target_modules: the pattern 'fc3' matches no"),
-    "init_unknown": (Net, {"init": "svd"}, ValueError, r"^init: expected one of \('principal', 'lora'\), got 'svd'"),
+    "init_unknown": (Net, {"init": "svd"}, ValueError, r"^init: expected one of \('principal', 'lora', 'residual'\), got 'svd'"),
     "nan_weight": (_with(float("nan")), {}, ValueError, r"^fc2\.weight: .*1 non-finite value"),
     "inf_weight": (_with(float("inf"), "fc1"), {}, ValueError, r"^fc1\.weight: .*1 non-finite value"),
     "meta_model": (_meta, {}, ValueError, r"^fc1\.weight: .*meta device"),
@@ -127,7 +127,7 @@ LINEAR_CASES = {
     "nan_weight": (lambda: nn.Linear(5, 4).requires_grad_(False).apply(lambda m: m.weight.fill_(float("nan"))),
                    {}, ValueError, r"weight: .*20 non-finite"),
     "lora_alpha_with_principal": (lambda: nn.Linear(5, 4), {"alpha": 8, "delta_rank": 2}, ValueError,
-                                  r"^alpha: init='principal' fixes scale = 1.*alpha=8"),
+                                  r"^alpha: init='principal' sets the scale itself.*alpha=8"),
 }
 
 

@@ -82,7 +82,7 @@ def test_init_reproduces_rank_r_truncation(init, tau):
 def test_principal_moves_top_components():
     lin = decaying_linear()
     k = 5
-    layer = CersaLinear.from_linear(lin, energy=0.99, delta_rank=k, init="principal")
+    layer = CersaLinear.from_linear(lin, energy=0.99, delta_rank=k, init="principal", split_scale=1.0)
     r = layer.rank
     U64, S64, Vh64 = torch.linalg.svd(lin.weight.detach().double(), full_matrices=False)
     A, B = layer.A.detach().double(), layer.B.detach().double()

@@ -144,8 +144,11 @@ class CersaMultiheadAttention(CersaModule):
         return cls.from_dense(mha, config, ranks=ranks, name=name)
 
     @classmethod
-    def from_dense(cls, module: nn.Module, config=None, *, ranks=None, name: str = "attn",
+    def from_dense(cls, module: nn.Module, config=None, *, ranks=None, name: str = "attn", factors=None,
                    **options) -> "CersaMultiheadAttention":
+        """As ``CersaModule.from_dense``: in_proj_weight (3E, E) and out_proj.weight (E, E) decomposed
+        separately; factors: None or two entries (in_proj, out_proj), each None or precomputed
+        (U, S, Vh, info)."""
         if not isinstance(module, nn.MultiheadAttention):
             raise TypeError(f"mha: expected an nn.MultiheadAttention, got {type(module).__name__}")
         why = cls.unsupported_reason(module)
@@ -153,10 +156,17 @@ class CersaMultiheadAttention(CersaModule):
             raise ValueError(f"{name}: nn.MultiheadAttention cannot be converted: {why}")
         config = CersaConfig.make(config, **options)
         ranks = list(ranks) if ranks is not None else [None, None]
+        if factors is not None:
+            factors = list(factors)
+            if len(factors) != 2:
+                raise ValueError(f"factors: {name} has 2 matrices to decompose (in_proj_weight, out_proj.weight), "
+                                 f"got {len(factors)} factor entries")
+        else:
+            factors = [None, None]
         in_proj = CersaLinear.from_dense(_as_linear(module.in_proj_weight, module.in_proj_bias), config,
-                                         ranks=ranks[:1], name=f"{name}.in_proj_weight")
+                                         ranks=ranks[:1], name=f"{name}.in_proj_weight", factors=factors[:1])
         out_proj = CersaLinear.from_dense(_as_linear(module.out_proj.weight, module.out_proj.bias), config,
-                                          ranks=ranks[1:], name=f"{name}.out_proj")
+                                          ranks=ranks[1:], name=f"{name}.out_proj", factors=factors[1:])
         return cls(in_proj, out_proj, module.num_heads, dropout=module.dropout, batch_first=module.batch_first)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,

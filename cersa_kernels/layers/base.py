@@ -84,8 +84,17 @@ class CersaModule(nn.Module):
                    name: str = "layer", **options) -> "CersaModule":
         """Decompose ``module`` and build the CERSA module.  config / options: a CersaConfig or its
         fields as keywords; ranks: one rank per matrix of ``matrices`` (None entries, or ranks=None:
-        the config's energy or rank decides).  Raises TypeError for a module of another type,
-        ValueError (naming ``name``) for one that cannot be converted or a bad argument."""
+        the config's energy or rank decides).  Each matrix's SVD holds r + e components,
+        e = ``config.extra_components`` (capped at min(m, n)), passed to ``from_factors`` with
+        truncation_rank=r: the truncation's singular triplets, then the next e of W.
+        factors: None, or one entry per matrix of ``matrices``: None (decompose here) or the
+        precomputed (U (m, q), S (q,), Vh (q, n), info) with info.rank = r <= q the truncation rank
+        and info.energy the layer's ``energy`` (what ``decompose.truncated_svd`` or
+        ``calibrate.weighted_truncated_svd`` return; the activation-aware truncation, docs/design.md
+        "Activation-aware truncation", whose energy is the output energy kept); ranks are then
+        not used for that matrix.  Raises TypeError for a module of another type, ValueError
+        (naming ``name``) for one that cannot be converted or a bad argument (factors of the
+        wrong count or shapes)."""
         raise NotImplementedError
 
     def parts(self) -> list["CersaLayer"]:
@@ -230,7 +239,7 @@ class CersaLayer(CersaModule):
 
     @classmethod
     def from_dense(cls, module: nn.Module, config: CersaConfig | None = None, *, ranks=None,
-                   name: str = "layer", **options) -> "CersaLayer":
+                   name: str = "layer", factors=None, **options) -> "CersaLayer":
         if not cls.claims(module):
             raise TypeError(f"{cls.arg}: expected {cls.expects()}, got {type(module).__name__}")
         why = cls.unsupported_reason(module)
@@ -238,11 +247,19 @@ class CersaLayer(CersaModule):
             raise ValueError(f"{name}: {why}")
         config = CersaConfig.make(config, **options)
         (label, W), = cls.matrices(module)
-        rank = ranks[0] if ranks and ranks[0] is not None else config.rank
-        U, S, Vh, info = truncated_svd(W, energy=config.energy if rank is None else None, rank=rank,
-                                       where=f"{name}.{label}", svd=config.svd)
+        where = f"{name}.{label}"
+        given = _given_factors(factors, 1, name)[0]
+        if given is not None:
+            U, S, Vh, info = _check_factors(given, W, where)
+        else:
+            rank = ranks[0] if ranks and ranks[0] is not None else config.rank
+            U, S, Vh, info = truncated_svd(W, energy=config.energy if rank is None else None, rank=rank,
+                                           where=where, svd=config.svd)
+            q = min(info.rank + config.extra_components, min(W.shape))
+            if q > info.rank:  # the next singular triplets of W, after the truncation's r
+                U, S, Vh, _ = truncated_svd(W, rank=q, where=where, svd=config.svd)
         return cls.from_factors(U, S, Vh, cls.dense_bias(module), geometry=cls.geometry_of(module),
-                                config=config, energy=info.energy, dtype=W.dtype)
+                                config=config, energy=info.energy, dtype=W.dtype, truncation_rank=info.rank)
 
     @classmethod
     def expects(cls) -> str:
@@ -259,12 +276,17 @@ class CersaLayer(CersaModule):
         optional bias (m,).  truncation_rank: r <= q (default q), the rank of the truncation; the
         components [0, r) are its singular triplets, and the q - r components after them (given only
         when ``config.extra_components`` asks for them, themselves singular triplets of the part of W
-        beyond the truncation) are what an init that starts the delta outside the truncation uses.
-        config / options: the delta options of CersaConfig (delta_rank, alpha,
-        init, train_S, train_bias, backend); scale overrides alpha / delta_rank.  Tensors are stored
-        in ``dtype`` (default: U's dtype), rounded once.  geometry: the subclass's non-factor
-        constructor arguments (default: in_features = n, out_features = m).  Inits: docs/design.md
-        "Initialisation".  Raises ValueError for a truncation_rank outside [0, q]."""
+        beyond the truncation) are where init="residual" starts the delta (other inits ignore them).
+        config / options: the delta options of CersaConfig (delta_rank, alpha, init, split_scale,
+        train_S, train_bias, backend, quantize, quant_block_size, double_quant, quant_init,
+        loftq_iters).  scale: overrides the delta scale (alpha / delta_rank for "lora", the split's
+        c for "principal" / "residual").  Tensors are stored in ``dtype`` (default: U's dtype),
+        rounded once.  geometry: the subclass's non-factor constructor arguments (default:
+        in_features = n, out_features = m).  The layer computes at init U_r diag(S_r) Vh_r (plus,
+        for "residual", the next min(k, q - r) components); with quantize and quant_init="loftq"
+        the delta also absorbs the quantization error.  Inits: docs/design.md "Initialisation".
+        Raises ValueError for a truncation_rank outside [0, q] or a scale that is not a finite
+        number > 0 with a split init."""
         if config is None:
             options.setdefault("energy", None)
             options.setdefault("rank", 0)
@@ -276,31 +298,41 @@ class CersaLayer(CersaModule):
                 or not 0 <= truncation_rank <= q:
             raise ValueError(f"truncation_rank: expected an int in [0, {q}] (the factors hold {q} components), "
                              f"got {truncation_rank!r}")
-        U, S, Vh = U[:, :truncation_rank], S[:truncation_rank], Vh[:truncation_rank]
-        m, r = U.shape
-        n = Vh.shape[1]
+        r = truncation_rank
+        if config.init != "residual":
+            U, S, Vh = U[:, :r], S[:r], Vh[:r]
+        m, n = U.shape[0], Vh.shape[1]
         dtype = dtype or U.dtype
         k = config.delta_rank
         with torch.no_grad():
-            moved, A, B = _principal_split(U, S, Vh, k, config.init)
+            if scale is None and config.init == "lora":
+                scale = config.scale
+            frozen, A, B, s = _principal_split(U, S, Vh, k, config.init, r, config.split_scale, scale, dtype)
         geometry = geometry or {"in_features": n, "out_features": m}
-        layer = cls._from_geometry(geometry, frozen_rank=r - moved, delta_rank=k, bias=bias is not None, rank=r,
-                                   scale=config.scale if scale is None else scale, energy=energy, init=config.init,
+        layer = cls._from_geometry(geometry, frozen_rank=frozen.stop - frozen.start, delta_rank=k,
+                                   bias=bias is not None, rank=r, scale=s, energy=energy, init=config.init,
                                    train_S=config.train_S, train_bias=config.train_bias, backend=config.backend,
                                    device=U.device, dtype=dtype)
         with torch.no_grad():
-            Uf, Sf = _fit_dtype(U[:, moved:], S[moved:], dtype)
+            Uf, Sf = _fit_dtype(U[:, frozen], S[frozen], dtype)
             layer.U.copy_(Uf)
             layer.S.copy_(Sf)
-            layer.Vh.copy_(Vh[moved:])
-            if config.quantize is not None:  # the frozen factors as codes; A, B, S, bias stay as they are
+            layer.Vh.copy_(Vh[frozen])
+            layer.A.copy_(A)
+            layer.B.copy_(B)
+            if config.quantize is not None:  # the frozen factors as codes; S, the delta and the bias stay
                 opts = (config.quantize, config.quant_block_size, config.double_quant)
+                target = None
+                if config.quant_init == "loftq" and layer.frozen_rank:
+                    # the intended matrix at init, from the factors as stored (before quantizing)
+                    target = torch.mm(layer.U.to(A.dtype) * layer.S.to(A.dtype), layer.Vh.to(A.dtype))
+                    target.addmm_(B, A, alpha=s)
                 for name in ("U", "Vh"):
                     packed = QuantizedMatrix.quantize(getattr(layer, name).detach(), *opts)
                     del layer._parameters[name]
                     setattr(layer, name, packed)
-            layer.A.copy_(A)
-            layer.B.copy_(B)
+                if target is not None:
+                    _loftq_delta(layer, target, s, config, A.dtype)
             if bias is not None:
                 layer.bias.copy_(bias.detach())
         return layer
@@ -414,20 +446,134 @@ def _fit_dtype(U: Tensor, S: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor
     return U * c, S / c
 
 
-def _principal_split(U: Tensor, S: Tensor, Vh: Tensor, k: int, init: str):
-    """Split truncated factors into (frozen U, S, Vh) and delta (A (k, n), B (m, k)) per ``init``
-    (docs/design.md "Initialisation").  Returns (moved, A, B) in U's dtype; frozen = factors[moved:]."""
-    m, r = U.shape
+def _loftq_delta(layer: "CersaLayer", target: Tensor, c: float, config: CersaConfig, dtype: torch.dtype) -> None:
+    """Re-initialise the delta of a layer with quantized frozen factors so that it absorbs the
+    quantization error (LoftQ, Li et al. 2023, Alg. 1, with the frozen part kept as factors).
+
+    target (m, n): the matrix the layer is meant to compute at init (in ``dtype``, float32/64); c: the
+    delta scale.  Each of ``config.loftq_iters`` rounds: (after the first) the frozen factors are
+    re-fitted as the rank-frozen_rank SVD of target - c B A and quantized again; then the delta
+    becomes the best rank-k approximation of target - Q (Q the dequantized frozen part), split as
+    A = sqrt(S / c) Vh, B = U sqrt(S / c).  Works in place on layer.U, S, Vh, A, B under no_grad.
+    docs/design.md "Initialisation"."""
+    m, n = target.shape
+    k, rf = layer.delta_rank, layer.frozen_rank
+    opts = (config.quantize, config.quant_block_size, config.double_quant)
+    A, B = layer.A.detach().to(dtype), layer.B.detach().to(dtype)
+    for it in range(config.loftq_iters):
+        if it:
+            Uf, Sf, Vhf, _ = truncated_svd(torch.addmm(target, B, A, alpha=-c), rank=rf, svd=config.svd,
+                                           where="loftq frozen part")
+            Uf, Sf = _fit_dtype(Uf, Sf, layer.S.dtype)
+            layer.S.copy_(Sf)
+            layer.U = QuantizedMatrix.quantize(Uf.to(layer.S.dtype), *opts)
+            layer.Vh = QuantizedMatrix.quantize(Vhf.to(layer.S.dtype), *opts)
+        Uq, Sq, Vhq = layer.dequantized_factors(dtype)
+        err = target - torch.mm(Uq * Sq, Vhq)
+        if not bool((err != 0).any()):
+            break
+        Ue, Se, Vhe, _ = truncated_svd(err, rank=min(k, m, n), svd=config.svd, where="loftq quantization error")
+        _, A, B, _ = _principal_split(Ue, Se, Vhe, k, "principal", scale=c, dtype=layer.S.dtype)
+    layer.A.copy_(A)
+    layer.B.copy_(B)
+
+
+#: the LoRA scale s_L = alpha / k whose first Adam step the "auto" split matches (2: lora_alpha = 2 k,
+#: the customary setting); docs/design.md "Initialisation".
+AUTO_LORA_SCALE = 2.0
+
+
+def _auto_split_scale(S: Tensor, m: int, n: int) -> float:
+    """The delta scale c of the "auto" split of the components S (kept, all > 0) of an (m, n) matrix.
+
+    Adam's first step moves every entry of A and B by lr (sign steps), so with the split
+    A = sqrt(S / c) Vh, B = U sqrt(S / c) and scale c the delta changes by
+    ||c (dB A + B dA)||_F^2 ~= lr^2 c (m + n) sum(S), and a LoRA delta of the same rank e (Kaiming A,
+    E[A A^T] = I / 3, B = 0, scale s_L = AUTO_LORA_SCALE) by lr^2 s_L^2 m e / 3.  Equal when
+    c = s_L^2 m e / (3 (m + n) sum(S)).  docs/design.md "Initialisation"."""
+    return AUTO_LORA_SCALE ** 2 * m * S.numel() / (3.0 * (m + n) * float(S.double().sum()))
+
+
+def _principal_split(U: Tensor, S: Tensor, Vh: Tensor, k: int, init: str, truncation_rank: int | None = None,
+                     split_scale: float | str = "auto", scale: float | None = None,
+                     dtype: torch.dtype | None = None):
+    """Split SVD factors U (m, q), S (q,), Vh (q, n) into the frozen components and the delta per ``init``
+    (docs/design.md "Initialisation").  The first ``truncation_rank`` (default q) components are the
+    truncation; "residual" starts the delta on the ones after it.
+
+    "principal": components [0, e), e = min(k, r), start in the delta; frozen = [e, r).
+    "residual":  components [r, r + e), e = min(k, q - r), start in the delta; frozen = [0, r).
+    "lora":      nothing starts in the delta; frozen = [0, r); scale c = ``scale`` (None: 1).
+    Only components with sigma > 0 are moved (e counts them).  A moved component i becomes
+    A[i] = sqrt(S_i / c) Vh_i, B[:, i] = U_i sqrt(S_i / c) with the delta scale c of a split init:
+    ``scale`` when given, else ``split_scale`` (a number, or "auto": ``_auto_split_scale``, 1 when
+    no component moves), raised if needed so that A and B fit ``dtype`` (default U's).  The other
+    rows of A are Kaiming-uniform (a = sqrt(5)), divided by c for the split inits (so c dB A keeps
+    LoRA's first step), and their columns of B are zero.
+    Returns (frozen, A (k, n), B (m, k), c): ``frozen`` a slice of component indices, A and B in U's
+    dtype, c a float.  Raises ValueError for a scale that is not a finite number > 0."""
+    m, q = U.shape
     n = Vh.shape[1]
-    moved = min(k, r) if init == "principal" else 0
-    if moved:  # only components with a nonzero singular value are worth moving
-        moved = int((S[:moved] > 0).sum())
+    r = q if truncation_rank is None else truncation_rank
+    if init == "principal":
+        src = slice(0, min(k, r))
+    elif init == "residual":
+        src = slice(r, r + min(k, q - r))
+    else:
+        src = slice(0, 0)
+    moved = int((S[src] > 0).sum())  # only components with a nonzero singular value are worth moving
+    src = slice(src.start, src.start + moved)
+    frozen = slice(moved, r) if init == "principal" else slice(0, r)
+    if scale is not None:
+        c = scale
+    elif init == "lora" or (split_scale == "auto" and not moved):
+        c = 1.0
+    elif split_scale == "auto":
+        c = _auto_split_scale(S[src], m, n)
+        limit = torch.finfo(dtype or U.dtype).max / 4.0  # entries of A, B and 1 / c must fit the layer's dtype
+        c = max(c, float(S[src].max()) / limit / limit, 1.0 / limit)
+    else:
+        c = split_scale
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not (math.isfinite(c) and c > 0):
+        raise ValueError(f"scale: expected a finite number > 0 for init={init!r}, got {c!r}")
+    c = float(c)
     A = torch.empty(k, n, device=U.device, dtype=U.dtype)
     B = torch.zeros(m, k, device=U.device, dtype=U.dtype)
     if moved:
-        root = S[:moved].sqrt()
-        A[:moved] = root[:, None] * Vh[:moved]
-        B[:, :moved] = U[:, :moved] * root[None, :]
+        root = (S[src] / c).sqrt()
+        A[:moved] = root[:, None] * Vh[src]
+        B[:, :moved] = U[:, src] * root[None, :]
     if moved < k:
         nn.init.kaiming_uniform_(A[moved:], a=math.sqrt(5))
-    return moved, A, B
+        if init != "lora":
+            A[moved:] /= c
+    return frozen, A, B, c
+
+
+def _given_factors(factors, count: int, name: str) -> list:
+    """``from_dense``'s factors= argument as a list of ``count`` entries (None: all decomposed there)."""
+    if factors is None:
+        return [None] * count
+    factors = list(factors)
+    if len(factors) != count:
+        raise ValueError(f"factors: {name} has {count} matrices to decompose, got {len(factors)} factor entries")
+    return factors
+
+
+def _check_factors(given, W: Tensor, where: str):
+    """(U, S, Vh, info) of a precomputed truncation of W (m, n), checked: U (m, q), S (q,), Vh (q, n),
+    0 <= info.rank <= q."""
+    try:
+        U, S, Vh, info = given
+        r = info.rank
+    except (TypeError, ValueError, AttributeError):
+        raise TypeError(f"factors: expected (U, S, Vh, info) with info.rank for {where}, got "
+                        f"{type(given).__name__}") from None
+    m, n = W.shape
+    q = S.shape[0] if isinstance(S, Tensor) and S.dim() == 1 else -1
+    if not (isinstance(U, Tensor) and isinstance(Vh, Tensor) and tuple(U.shape) == (m, q)
+            and tuple(Vh.shape) == (q, n) and 0 <= r <= q):
+        raise ValueError(f"factors: expected U ({m}, q), S (q,), Vh (q, n = {n}) with info.rank <= q for {where}, got "
+                         f"U {tuple(getattr(U, 'shape', ()))}, S {tuple(getattr(S, 'shape', ()))}, "
+                         f"Vh {tuple(getattr(Vh, 'shape', ()))}, rank {r!r}")
+    return U, S, Vh, info

@@ -54,13 +54,22 @@ class CersaLinear(CersaLayer):
             (then pass energy=None); rank 0 is allowed (output = bias + delta).
           delta_rank: k >= 1.  alpha: LoRA-style scale numerator, scale = alpha / k (default
             scale 1); only with init="lora".
-          init: "principal" (default): the top min(k, r) components of the retained subspace move
-            from the frozen factors into the delta, A = sqrt(S_k) Vh_k, B = U_k sqrt(S_k), scale 1,
-            and the frozen factors keep the remaining r - min(k, r) (training starts on the
-            directions that carry most of W's energy, as PiSSA; k(m + n + 1) fewer frozen numbers).
-            Delta rows beyond r (or for zero singular values) are initialised as in "lora".
+          init: "principal" (default): the top e = min(k, r) components of the retained subspace
+            move from the frozen factors into the delta, A = sqrt(S_e / c) Vh_e, B = U_e sqrt(S_e / c),
+            scale c, and the frozen factors keep the remaining r - e (training starts on the
+            directions that carry most of W's energy, as PiSSA; e(m + n + 1) fewer frozen numbers).
+            "residual": the frozen factors keep all r; the delta starts on the next e = min(k, p - r)
+            singular components of W beyond the truncation, split the same way (the layer starts
+            closer to W than the truncation).  For both, c = split_scale ("auto", the default: per
+            layer, so that Adam's first step moves s B A as much as a LoRA delta's, which keeps the
+            learning rates of LoRA usable; 1.0: PiSSA's split, whose step grows as sqrt(S)).
+            Delta rows that hold no component are Kaiming-uniform / c with zero columns of B.
             "lora": A kaiming-uniform (a = sqrt(5), as nn.Linear and PEFT), B zero; frozen = all r.
-            Both give, at init, exactly the rank-r truncation of W (docs/design.md "Initialisation").
+            At init the layer computes exactly the rank-r truncation of W ("residual": the rank
+            r + e one); docs/design.md "Initialisation".
+          quantize / quant_init: with int8 / nf4 frozen factors, quant_init="loftq" (default) makes
+            the delta the best rank-k approximation of (intended matrix - dequantized frozen part),
+            absorbing part of the quantization error (LoftQ); loftq_iters alternates it.
           train_S / train_bias: make S / bias trainable (they are frozen otherwise).
           svd: "full" | "randomized" | "auto", see ``cersa_kernels.decompose.truncated_svd``.
         The SVD runs in float32 (float64 for float64 weights) on the weight's device; every tensor
