@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .decompose import (SINGLE_THREAD_SVD_MAX_DIM, DecompositionInfo, check_energy, check_rank, check_weight,
-                        singular_values, truncated_svd)
+from .decompose import (SINGLE_THREAD_SVD_MAX_DIM, DecompositionInfo, canonical_signs, check_energy, check_rank,
+                        check_weight, singular_values, truncated_svd)
 from .layers import CersaConv1D, CersaConvNd, CersaLinear, CersaMultiheadAttention
 
 __all__ = ["DEFAULT_CALIBRATION_MEMORY", "DEFAULT_DAMPING", "CalibrationStats", "WeightedDecompositionInfo",
@@ -194,7 +194,7 @@ def _factors_of_block(Ub: Tensor, W64: Tensor, dtype: torch.dtype):
     U = Ub P, Vh = Q^T."""
     T = Ub.to(torch.float64).T @ W64
     P, S, Qh = torch.linalg.svd(T, full_matrices=False)
-    U = Ub.to(torch.float64) @ P
+    U, Qh = canonical_signs(Ub.to(torch.float64) @ P, Qh)
     return U.to(dtype), S.to(dtype), Qh.to(dtype)
 
 

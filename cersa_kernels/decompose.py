@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["BudgetAllocation", "DecompositionInfo", "EXACT_RANK_METHODS", "GRAM_SIGMA_RTOL", "SVD_METHODS",
-           "allocate_budget", "check_energy", "check_rank", "check_svd", "check_weight", "choose_svd",
+           "allocate_budget", "canonical_signs", "check_energy", "check_rank", "check_svd", "check_weight", "choose_svd",
            "energy_rank", "estimate_svd_seconds", "gram_eigenvalue_error", "gram_svd", "randomized_svd",
            "round_rank", "singular_values", "truncated_svd", "truncated_svd_many", "uniform_energy_for_budget"]
 
@@ -849,10 +849,27 @@ def truncated_svd(W: Tensor, energy: float | None = None, rank: int | None = Non
     if svd == "auto":
         svd = choose_svd((m, n), energy=energy, rank=rank, dtype=W.dtype, device=W.device)
     if svd == "randomized":
-        return randomized_svd(W, energy=energy, rank=rank, where=where)
-    if svd == "gram":
-        return _gram_svd(W, energy, rank, where)
-    return _full_svd(W, energy, rank, where)
+        U, S, Vh, info = randomized_svd(W, energy=energy, rank=rank, where=where)
+    elif svd == "gram":
+        U, S, Vh, info = _gram_svd(W, energy, rank, where)
+    else:
+        U, S, Vh, info = _full_svd(W, energy, rank, where)
+    U, Vh = canonical_signs(U, Vh)
+    return U, S, Vh, info
+
+
+def canonical_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
+    """Singular vectors with a fixed sign: each column j of U (m, r) and row j of Vh (r, n) are
+    negated together when the entry of largest magnitude of U[:, j] is negative (the first such
+    entry on ties), so U diag(S) Vh is unchanged.  Without it LAPACK's choice of sign can differ
+    between thread counts, libraries or processes, and processes that each decompose the same
+    weight (every rank of an FSDP2 job) would hold different factors.  Returns new tensors of the
+    inputs' dtype and layout; r = 0 passes through."""
+    if U.shape[1] == 0:
+        return U, Vh
+    idx = U.abs().argmax(dim=0, keepdim=True)
+    flip = torch.where(torch.gather(U, 0, idx) < 0, -1.0, 1.0).to(U.dtype)
+    return (U * flip).contiguous(), (Vh * flip.reshape(-1, 1).to(Vh.dtype)).contiguous()
 
 
 def truncated_svd_many(weights, energy: float | None = None, rank: int | None = None, *, where=None,

@@ -204,3 +204,32 @@ def test_truncated_svd_many_workers_use_one_thread_each(monkeypatch):
 def test_truncated_svd_many_bad_workers(bad):
     with pytest.raises(ValueError, match=r"workers: expected a positive int"):
         dec.truncated_svd_many([torch.ones(4, 4)], energy=0.9, workers=bad)
+
+
+@pytest.mark.parametrize("svd", ["full", "gram", "randomized"])
+@pytest.mark.parametrize("shape", [(37, 23), (23, 37), (64, 64)])
+def test_singular_vectors_have_the_canonical_sign(svd, shape):
+    """Every method returns each component with the largest-magnitude entry of its U column
+    positive, so methods (and processes) agree on the factors, not only on their product."""
+    g = torch.Generator().manual_seed(sum(shape))
+    W = torch.randn(*shape, generator=g) @ torch.diag(torch.logspace(0, -2, shape[1]))
+    U, S, Vh, _ = truncated_svd(W, energy=0.95, svd=svd)
+    col = U.abs().argmax(dim=0)
+    assert (U[col, torch.arange(U.shape[1])] > 0).all()
+    U0, S0, Vh0, _ = truncated_svd(W.double(), rank=U.shape[1], svd="full")
+    r = min(U.shape[1], 5)  # well-separated leading components: the same vectors, the same sign
+    torch.testing.assert_close(U[:, :r].double(), U0[:, :r], rtol=0, atol=1e-4)
+    torch.testing.assert_close(Vh[:r].double(), Vh0[:r], rtol=0, atol=1e-4)
+    torch.testing.assert_close(U @ torch.diag(S) @ Vh, (U0 @ torch.diag(S0) @ Vh0).float(), rtol=0, atol=1e-4)
+
+
+def test_canonical_signs_keeps_the_product_and_passes_rank_zero():
+    from cersa_kernels.decompose import canonical_signs
+
+    g = torch.Generator().manual_seed(3)
+    U, Vh = torch.randn(9, 4, generator=g), torch.randn(4, 7, generator=g)
+    U2, Vh2 = canonical_signs(U, Vh)
+    torch.testing.assert_close(U2 @ Vh2, U @ Vh, rtol=0, atol=0)
+    assert (U2.abs() == U.abs()).all() and (U2[U2.abs().argmax(0), torch.arange(4)] > 0).all()
+    E, F = torch.empty(9, 0), torch.empty(0, 7)
+    assert canonical_signs(E, F)[0].shape == (9, 0)
