@@ -74,3 +74,21 @@ bench: $(STAMP)
 
 clean:
 	rm -rf build *.egg-info cersa_kernels/*.so
+
+# The memory / quality frontier (python/frontier.py): CERSA over energies, rank budgets and int8 / NF4
+# factors, LoRA r 8/16/32, QLoRA and full fine-tuning on the main job (BBC) and the ViT job, each run in
+# its own process, cached per run in results/frontier_runs/ (a rerun resumes); writes results/frontier.md
+# and results/frontier.png.  Hours at the defaults; STEPS=N for a check run, FRONTIER_ARGS for options
+# (make frontier STEPS=2 FRONTIER_ARGS="--tasks bbc --seeds 0").
+.PHONY: frontier
+frontier: $(STAMP)
+	test -d $(FASHION) || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }
+	HF_HUB_OFFLINE=1 $(BIN)/python python/frontier.py $(FRONTIER_ARGS)
+
+# The delta-init study (python/study_init.py): every init of cersa_kernels.config.INITS, calibration off / on,
+# four learning rates and three seeds on the tweet and BBC jobs, PEFT LoRA beside; cached per run in
+# results/study_init_runs/; writes results/study_init.md and results/study_init.png.  STEPS=N for a check run,
+# STUDY_ARGS for options (make study-init STEPS=2 STUDY_ARGS="--tasks tweets --lrs 5e-4 --seeds 0").
+.PHONY: study-init
+study-init: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python python/study_init.py $(STUDY_ARGS)

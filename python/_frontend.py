@@ -10,8 +10,13 @@ the same way for every front end:
 * the command line: ``--method M`` (one method, in this process) or ``--compare`` (the default: each
   method of ``--methods`` in its own subprocess, so each peak memory belongs to one method), and the
   common options ``--energy --delta-rank --steps --batch-size --seed --lr --head-lr --weight-decay
-  --threads --log-every --quiet --json`` (and, for a front end offering cersa, ``--quantize
-  {none,int8,nf4} --double-quant``: the storage of CERSA's frozen factors); besides its own methods
+  --threads --log-every --quiet --json`` (``--threads`` defaults per front end, ``FrontEnd.threads``),
+  for a front end offering cersa ``--budget`` (a rank budget instead of ``--energy``), ``--init`` (the
+  delta init, one of ``cersa_kernels.config.INITS``), ``--calibration N`` (activation-aware
+  truncation on the first N training batches), ``--quantize {none,int8,nf4} --double-quant`` (the
+  storage of CERSA's frozen factors), for a front end offering lora ``--lora-rank --lora-alpha``
+  (default: the delta rank, and ``FrontEnd.lora_alpha`` or the rank), and ``--exclude PATTERN ...``
+  (layers left out of CERSA's and LoRA's targets alike); besides its own methods
   a front end accepts their variants (``METHOD_VARIANTS``): cersa-int8 / cersa-nf4 (CERSA with U, Vh
   stored as int8 / NF4 codes) where it offers cersa, qlora (PEFT LoRA over bitsandbytes NF4 base
   weights, ``_qlora.make_qlora``) where it offers lora; the environment variable ``STEPS=N`` (also as a Make
@@ -23,7 +28,10 @@ the same way for every front end:
   s / step (median wall time of a step after the first; fetching the batch counts), trainable and
   frozen parameters, the bytes of the base weights as stored (dense W; U, S, Vh of CERSA layers,
   quantized codes and scales included; the packed NF4 weight of QLoRA), the metric;
-* one markdown table with the same columns for every front end, and JSON results (``--json PATH``).
+* the metric before training too when the front end asks (``FrontEnd.eval_before``: a column "before");
+* one markdown table with the same columns for every front end, and JSON results (``--json PATH``:
+  title, options, the metric's key / header / direction, rows).  ``python/_sweep.py`` runs grids of
+  such runs (one process each) and aggregates them over seeds.
 
 Front-end code only: the cersa_kernels package does not import this module, and a method that is not
 CERSA never imports the package.  Standard library only at import time (torch, transformers, peft
@@ -34,6 +42,7 @@ helpers without adding to its baseline memory.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -56,7 +65,7 @@ __all__ = ["FrontEnd", "Task", "Metric", "main", "run_method", "build_parser", "
            "base_weights", "layer_names", "classification_loss", "rank_distribution", "format_rank_distribution",
            "warmup_linear_decay", "child_argv", "compare_in_subprocesses", "method_table", "param_stats",
            "status_mib", "peak_rss_mib", "current_rss_mib", "reset_peak_rss", "mib", "percent", "method_base",
-           "cersa_quantize", "METHOD_VARIANTS", "KNOWN_METHODS", "QUANTIZE_CHOICES"]
+           "cersa_quantize", "METHOD_VARIANTS", "KNOWN_METHODS", "QUANTIZE_CHOICES", "lora_targets", "cersa_inits"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,14 +230,16 @@ def rank_distribution(report) -> list[dict]:
     return rows
 
 
-def format_rank_distribution(rows: list[dict], energy: float, kind: str = "") -> str:
+def format_rank_distribution(rows: list[dict], energy: float | None, kind: str = "", policy: str | None = None) -> str:
     """min / median / max of r / min(m, n) and a text histogram in bins of 0.1; ``kind`` names the
-    layers in the first line ("Linear" -> "over 37 Linear layers")."""
+    layers in the first line ("Linear" -> "over 37 Linear layers"); ``policy`` replaces the words
+    "energy {energy}" there (for example "budget 0.5")."""
     if not rows:
         return "no converted layer"
     fr = sorted(r["fraction"] for r in rows)
     dense = sum(1 for r in rows if r["status"] != "converted")
-    lines = [f"energy rank fraction r / min(m, n) at energy {energy} over {len(fr)} {kind + ' ' if kind else ''}"
+    policy = policy or f"energy {energy}"
+    lines = [f"energy rank fraction r / min(m, n) at {policy} over {len(fr)} {kind + ' ' if kind else ''}"
              f"layers ({len(fr) - dense} converted, {dense} left dense): "
              f"min {fr[0]:.2f}, median {statistics.median(fr):.2f}, max {fr[-1]:.2f}"]
     by_shape: dict[str, list[float]] = {}
@@ -272,6 +283,62 @@ def cersa_quantize(method: str, args) -> str | None:
     return None if q == "none" else q
 
 
+def cersa_inits() -> tuple:
+    """The values of ``--init``: ``cersa_kernels.config.INITS``, read when called (this imports the
+    package, so the runner calls it only where a CERSA method runs or --init is given)."""
+    from cersa_kernels.config import INITS
+
+    return tuple(INITS)
+
+
+def _cersa_default_init() -> str:
+    """The init ``cersa_kernels.convert`` uses when none is given (CersaConfig's default)."""
+    from cersa_kernels.config import CersaConfig
+
+    return CersaConfig.__dataclass_fields__["init"].default
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """The rule of ``cersa_kernels.convert``'s list patterns: the exact dotted name, a dotted
+    suffix of it, or a glob (fnmatch, case-sensitive)."""
+    import fnmatch
+
+    return name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern)
+
+
+def lora_targets(module, targets: list[str] | None, exclude: list[str] | None) -> list[str]:
+    """The ``target_modules`` given to PEFT for LoRA / QLoRA on ``module``.
+
+    targets: layer names or dotted suffixes (PEFT's list rule), None for every nn.Linear of
+    ``module``.  exclude: None (targets returned as given), or patterns removed with the rule of
+    ``cersa_kernels.convert(exclude=[...])`` (exact dotted name, dotted suffix or glob), so CERSA and
+    LoRA leave out the same layers; the result is then the explicit dotted names of the remaining
+    layers.  Raises ValueError naming --exclude for a pattern that matches no target layer, or when
+    nothing is left."""
+    if targets is None:
+        targets = layer_names(module)
+    if not exclude:
+        return list(targets)
+    names = [n for n, _ in module.named_modules() if n]
+    hit = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
+    for pat in exclude:
+        if not any(_matches(n, pat) for n in hit):
+            raise ValueError(f"--exclude: the pattern {pat!r} matches no LoRA target layer (expected a dotted name, "
+                             f"suffix or glob among {len(hit)} target layers, for example {hit[:3]})")
+    kept = [n for n in hit if not any(_matches(n, pat) for pat in exclude)]
+    if not kept:
+        raise ValueError(f"--exclude: the patterns {list(exclude)} remove every one of the {len(hit)} LoRA target "
+                         f"layers; expected at least one left")
+    return kept
+
+
+def _lora_rank_alpha(args) -> tuple[int, float]:
+    """(r, lora_alpha) of LoRA / QLoRA: --lora-rank (default the delta rank) and --lora-alpha (default r)."""
+    rank = getattr(args, "lora_rank", None) or args.delta_rank
+    alpha = getattr(args, "lora_alpha", None)
+    return rank, float(alpha) if alpha is not None else float(rank)
+
+
 def prepare_method(method: str, module, args, *, targets: list[str] | None = None, kind: str = "",
                    what: str = "model"):
     """Make ``module`` (the pretrained body, without the new head) ready for ``method``; returns
@@ -279,21 +346,33 @@ def prepare_method(method: str, module, args, *, targets: list[str] | None = Non
 
     cersa: ``cersa_kernels.convert(module, energy=args.energy, delta_rank=args.delta_rank,
       target_modules=targets, quantize=..., double_quant=args.double_quant)`` in place (targets None:
-      every supported layer); quantize is ``args.quantize`` ("none" -> None) for cersa, "int8" for
+      every supported layer), with ``budget=args.budget`` instead of the energy when given (a rank
+      budget, docs/design.md "Rank policies"), ``init=args.init`` when given, ``exclude=args.exclude``
+      when given; quantize is ``args.quantize`` ("none" -> None) for cersa, "int8" for
       cersa-int8, "nf4" for cersa-nf4 (the frozen U, Vh stored as blockwise codes with absmax
       scales, blocks of 64; docs/design.md "Quantized factors"); prints the report and the rank
       distribution unless ``args.quiet``; extra: convert_s, layers_converted, layers_dense,
       layers_candidates, rank_fraction_min / _median / _max, quantize ("none", "int8", "nf4"),
-      double_quant.
-    lora: the real ``peft`` LoRA of rank ``args.delta_rank`` (lora_alpha = rank, no dropout, no bias)
-      on ``targets`` (None: every nn.Linear of ``module``); returns the PEFT wrapper.
+      double_quant, energy, budget, init, calibration.
+      With ``args.calibration`` = N the conversion needs the whole model and its training batches
+      (activation-aware truncation), which exist only once ``setup`` has returned: the module is
+      returned unconverted, the conversion is queued on ``args`` and ``run_method`` runs it right
+      after ``setup``, with ``calibration=fn`` where fn runs the Task's model forward on the first N
+      training batches under torch.no_grad() (``Task.forward_only``); the report fields are then
+      added to ``Task.extra``.
+    lora: the real ``peft`` LoRA of rank ``args.lora_rank`` (default ``args.delta_rank``) and
+      lora_alpha ``args.lora_alpha`` (default the rank), no dropout, no bias, on ``targets`` (None:
+      every nn.Linear of ``module``) less ``args.exclude`` (``lora_targets``); returns the PEFT
+      wrapper; extra: lora_rank, lora_alpha.
     qlora: ``_qlora.make_qlora`` with the same rank, alpha and targets as lora: the targeted
       nn.Linear weights as bitsandbytes NF4 (blocks of 64, double quantization, float32 compute)
       under PEFT LoRA (needs bitsandbytes); returns the PEFT wrapper.
     full: every parameter of ``module`` trainable.  head: every parameter frozen (a linear probe).
-    ``args`` needs energy, delta_rank, quiet; quantize / double_quant are read when present (default
-    none / False).  ``kind`` and ``what`` only word the printout.  Raises ValueError for another method."""
+    ``args`` needs energy, delta_rank, quiet; budget, init, calibration, exclude, lora_rank,
+    lora_alpha, quantize, double_quant are read when present (default None / none / False).
+    ``kind`` and ``what`` only word the printout.  Raises ValueError for another method."""
     extra: dict = {}
+    exclude = getattr(args, "exclude", None) or None
     if method == "full":
         for p in module.parameters():
             p.requires_grad_(True)
@@ -302,48 +381,80 @@ def prepare_method(method: str, module, args, *, targets: list[str] | None = Non
         for p in module.parameters():
             p.requires_grad_(False)
         return module, extra
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model
+    if method in ("lora", "qlora"):
+        rank, alpha = _lora_rank_alpha(args)
+        names = lora_targets(module, targets, exclude)
+        extra.update(lora_rank=rank, lora_alpha=alpha)
+        if method == "lora":
+            from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(r=args.delta_rank, lora_alpha=args.delta_rank, lora_dropout=0.0,
-                         target_modules=list(targets) if targets is not None else layer_names(module), bias="none")
-        return get_peft_model(module, cfg), extra
-    if method == "qlora":
+            cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=names, bias="none")
+            return get_peft_model(module, cfg), extra
         qlora = _qlora_module()
         t0 = time.perf_counter()
-        model = qlora.make_qlora(module, list(targets) if targets is not None else layer_names(module),
-                                 r=args.delta_rank, alpha=args.delta_rank)
+        model = qlora.make_qlora(module, names, r=rank, alpha=alpha)
         extra.update(quantize_s=time.perf_counter() - t0, quantize="nf4", double_quant=True)
         return model, extra
     if method_base(method) == "cersa" and method in KNOWN_METHODS:
-        import cersa_kernels
-
-        quantize = cersa_quantize(method, args)
-        double_quant = bool(getattr(args, "double_quant", False)) and quantize is not None
-        storage = {} if quantize is None else {"quantize": quantize, "double_quant": double_quant}
-        t0 = time.perf_counter()
-        cersa_kernels.convert(module, energy=args.energy, delta_rank=args.delta_rank, target_modules=targets,
-                              progress=not args.quiet, **storage)
-        extra["convert_s"] = time.perf_counter() - t0
-        extra.update(quantize=quantize or "none", double_quant=double_quant)
-        report = cersa_kernels.get_report(module)
-        rows = rank_distribution(report)
-        fr = [r["fraction"] for r in rows]
-        extra.update(layers_converted=len(report.converted), layers_dense=len(report.skipped),
-                     layers_candidates=len(report.layers),
-                     rank_fraction_min=min(fr) if fr else float("nan"),
-                     rank_fraction_median=statistics.median(fr) if fr else float("nan"),
-                     rank_fraction_max=max(fr) if fr else float("nan"))
-        if not args.quiet:
-            stored = "" if quantize is None else f", U and Vh as {quantize}{' + double quant' if double_quant else ''}"
-            print(f"\nCERSA conversion report of the {what} (energy {args.energy}, delta rank {args.delta_rank}"
-                  f"{stored}, {extra['convert_s']:.1f} s):")
-            print(report)
-            print()
-            print(format_rank_distribution(rows, args.energy, kind))
-            print(flush=True)
+        calibration = getattr(args, "calibration", None)
+        if calibration:
+            pending = getattr(args, "_deferred_conversions", None)
+            if pending is None:
+                pending = []
+                args._deferred_conversions = pending
+            pending.append(lambda fn: _convert_cersa(method, module, args, targets, kind, what, exclude, fn))
+            extra.update(calibration=int(calibration))
+            return module, extra
+        extra.update(_convert_cersa(method, module, args, targets, kind, what, exclude, None))
         return module, extra
     raise ValueError(f"method: expected one of {KNOWN_METHODS}, got {method!r}")
+
+
+def _convert_cersa(method: str, module, args, targets, kind: str, what: str, exclude, calibration) -> dict:
+    """``cersa_kernels.convert`` of ``module`` for a CERSA method (see ``prepare_method``); returns the
+    row fields of the conversion."""
+    import cersa_kernels
+
+    extra: dict = {}
+    quantize = cersa_quantize(method, args)
+    double_quant = bool(getattr(args, "double_quant", False)) and quantize is not None
+    options: dict = {} if quantize is None else {"quantize": quantize, "double_quant": double_quant}
+    budget = getattr(args, "budget", None)
+    init = getattr(args, "init", None)
+    if init is not None:
+        options["init"] = init
+    if exclude:
+        options["exclude"] = list(exclude)
+    if calibration is not None:
+        options["calibration"] = calibration
+        if getattr(args, "calibration_damping", None) is not None:
+            options["calibration_damping"] = args.calibration_damping
+    policy = {"energy": None, "budget": budget} if budget is not None else {"energy": args.energy}
+    t0 = time.perf_counter()
+    cersa_kernels.convert(module, **policy, delta_rank=args.delta_rank, target_modules=targets,
+                          progress=not args.quiet, **options)
+    extra["convert_s"] = time.perf_counter() - t0
+    extra.update(quantize=quantize or "none", double_quant=double_quant, energy=policy["energy"], budget=budget,
+                 init=init or _cersa_default_init(), calibration=int(getattr(args, "calibration", None) or 0))
+    report = cersa_kernels.get_report(module)
+    rows = rank_distribution(report)
+    fr = [r["fraction"] for r in rows]
+    extra.update(layers_converted=len(report.converted), layers_dense=len(report.skipped),
+                 layers_candidates=len(report.layers),
+                 rank_fraction_min=min(fr) if fr else float("nan"),
+                 rank_fraction_median=statistics.median(fr) if fr else float("nan"),
+                 rank_fraction_max=max(fr) if fr else float("nan"))
+    if not args.quiet:
+        label = f"budget {budget}" if budget is not None else f"energy {args.energy}"
+        stored = "" if quantize is None else f", U and Vh as {quantize}{' + double quant' if double_quant else ''}"
+        calib = f", calibrated on {args.calibration} training batches" if calibration is not None else ""
+        print(f"\nCERSA conversion report of the {what} ({label}, delta rank {args.delta_rank}, init "
+              f"{extra['init']}{stored}{calib}, {extra['convert_s']:.1f} s):")
+        print(report)
+        print()
+        print(format_rank_distribution(rows, args.energy, kind, policy=label))
+        print(flush=True)
+    return extra
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,11 +467,24 @@ def percent(v: float) -> str:
 
 @dataclass
 class Metric:
-    """The task metric: its row key, its column header and how a value prints."""
+    """The task metric: its row key, its column header, how a value prints, and its direction
+    (``lower_is_better``: perplexity, MSE; default False: accuracy).  The sweeps
+    (``python/_sweep.py``) and the runner's ``--sort`` order rows best first with ``sort_key``."""
 
     key: str = "accuracy"
     header: str = "accuracy"
     fmt: Callable[[float], str] = percent
+    lower_is_better: bool = False
+
+    def sort_key(self, value: float) -> float:
+        """A key that sorts values best first (NaN / None last)."""
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return math.inf
+        return value if self.lower_is_better else -value
+
+    def describe(self) -> dict:
+        """{"key", "header", "lower_is_better"}: what the JSON results say of the metric."""
+        return {"key": self.key, "header": self.header, "lower_is_better": self.lower_is_better}
 
 
 def classification_loss(model, batch):
@@ -378,13 +502,17 @@ class Task:
 
     model: the whole model (body prepared for the method + head); head: the head's parameters,
     trained at --head-lr (the runner makes them trainable; every other parameter that requires grad
-    trains at --lr); batches: an iterable of at least args.steps training batches, produced lazily
-    (fetching one counts in the step time); loss(model, batch) -> scalar tensor;
+    trains at --lr); batches: an iterable of at least args.steps training batches (with
+    --calibration N at least max(steps, N): the calibration runs on the first N, which training then
+    uses too), produced lazily (fetching one counts in the step time); loss(model, batch) -> scalar tensor;
     evaluate(model) -> the metric on the held-out data (the runner calls model.eval() and
     torch.no_grad() around it); base: (module, dense layer types) whose base weights are counted
     (``base_weights``); dense_base: (layers, bytes) of those base weights before the preparation;
     n_train / n_test: sizes for the table notes; extra: more row fields; after_training(model):
-    called after the evaluation (for example to save a checkpoint)."""
+    called after the evaluation (for example to save a checkpoint); evaluate_before(model): the
+    metric before the first step when ``FrontEnd.eval_before`` (None: ``evaluate``), called once the
+    model is prepared (after the conversions that --calibration defers), for a front end that
+    records more fields of that measurement in ``extra``."""
 
     model: Any
     head: list
@@ -397,6 +525,21 @@ class Task:
     n_test: int | None = None
     extra: dict = field(default_factory=dict)
     after_training: Callable[[Any], None] | None = None
+    evaluate_before: Callable[[Any], float] | None = None
+
+    def forward_only(self, model, batch) -> None:
+        """Run ``model`` on one training batch without training it: the forward of ``loss`` under
+        torch.no_grad() with ``model`` in eval mode (its mode restored after), the value dropped.
+        The calibration of --calibration runs this on the first N training batches."""
+        import torch
+
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                self.loss(model, batch)
+        finally:
+            model.train(was_training)
 
 
 #: defaults of the common options that a FrontEnd's ``defaults`` may replace.
@@ -416,7 +559,13 @@ class FrontEnd:
     batch_size, log_every); add_arguments(parser) / check_args(parser, args): its own options (an
     error goes through ``parser.error``, naming the option); method_only: {option dest: method} for
     options passed only to that method's subprocess; child_env: environment variables set for the
-    subprocesses; eval_what: what the metric is measured on ("held-out articles")."""
+    subprocesses; eval_what: what the metric is measured on ("held-out articles"); threads: the
+    default of --threads; lora_alpha: the default of --lora-alpha (None: the LoRA rank, scale 1);
+    eval_before: also evaluate the metric on the prepared model before the first step (row key
+    ``<metric key>_before``, table column "before"; measured after the conversions that
+    --calibration defers, with ``Task.evaluate_before`` or ``Task.evaluate``); calibration: whether
+    --calibration is offered (it converts after ``setup`` returns: a front end measures the prepared
+    model with eval_before, not in setup; one that must measure it in setup sets False)."""
 
     script: str
     description: str
@@ -434,8 +583,16 @@ class FrontEnd:
     method_only: dict = field(default_factory=dict)
     child_env: dict = field(default_factory=dict)
     eval_what: str = "held-out examples"
+    threads: int = 2
+    lora_alpha: float | None = None
+    eval_before: bool = False
+    calibration: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1:
+            raise ValueError(f"threads: expected an int >= 1, got {self.threads!r}")
+        if self.lora_alpha is not None and not (isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0):
+            raise ValueError(f"lora_alpha: expected None or a number > 0, got {self.lora_alpha!r}")
         if not self.methods:
             raise ValueError("methods: expected at least one method, got none")
         missing = [m for m in self.methods if m not in self.default_lr]
@@ -484,11 +641,25 @@ def build_parser(fe: FrontEnd) -> argparse.ArgumentParser:
                    help=f"methods of --compare (default: {' '.join(fe.methods)}{also}: cersa-int8 / cersa-nf4 "
                         f"store CERSA's frozen U, Vh as int8 / NF4 codes, qlora is PEFT LoRA over bitsandbytes "
                         f"NF4 base weights with double quantization)")
-    p.add_argument("--energy", type=float, default=d["energy"],
-                   help=f"CERSA energy tau in (0, 1] (default {d['energy']})")
+    p.add_argument("--energy", type=float, default=None,
+                   help=f"CERSA energy tau in (0, 1] (default {d['energy']}; not with --budget)")
     p.add_argument("--delta-rank", type=int, default=d["delta_rank"],
-                   help=f"CERSA delta rank k = LoRA rank r (default {d['delta_rank']})")
+                   help=f"CERSA delta rank k, and LoRA's rank r unless --lora-rank (default {d['delta_rank']})")
     if "cersa" in choices:
+        p.add_argument("--budget", type=float, default=None, metavar="F",
+                       help="CERSA rank budget instead of --energy: the truncations of all target layers store "
+                            "at most F times their dense numbers together, ranks allocated by energy gained per "
+                            "stored number (cersa_kernels.convert(budget=F); F > 0)")
+        p.add_argument("--init", default=None, metavar="NAME",
+                       help="CERSA delta init, one of cersa_kernels.config.INITS (checked when a CERSA method "
+                            "runs; default: cersa_kernels.convert's)")
+        if fe.calibration:
+            p.add_argument("--calibration", type=int, default=None, metavar="N",
+                           help="CERSA activation-aware truncation calibrated on the first N training batches "
+                                "(a forward pass each, no training; cersa_kernels.convert(calibration=fn))")
+            p.add_argument("--calibration-damping", type=float, default=None, metavar="F",
+                           help="with --calibration: the damping of the input second moments, "
+                                "cersa_kernels.convert(calibration_damping=F) (F > 0; default: convert's)")
         p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
                        help="storage of the frozen factors U, Vh of the method cersa: none (the layer's dtype), "
                             "int8 or nf4 (blockwise codes, blocks of 64, with absmax scales; default none).  "
@@ -496,6 +667,16 @@ def build_parser(fe: FrontEnd) -> argparse.ArgumentParser:
         p.add_argument("--double-quant", action="store_true",
                        help="quantize the block scales of quantized CERSA factors again (int8 in blocks of 256; "
                             "nf4: 4.13 bits per number, as QLoRA)")
+    if "lora" in choices:
+        p.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                       help="LoRA / QLoRA rank r (default: --delta-rank)")
+        alpha = "the LoRA rank, scale 1" if fe.lora_alpha is None else f"{fe.lora_alpha:g}"
+        p.add_argument("--lora-alpha", type=float, default=None, metavar="A",
+                       help=f"LoRA / QLoRA lora_alpha, scale A / r (default: {alpha})")
+    if "cersa" in choices or "lora" in choices:
+        p.add_argument("--exclude", nargs="+", default=None, metavar="PATTERN",
+                       help="leave these layers out of CERSA's and LoRA's targets: dotted names, dotted suffixes "
+                            "or globs (cersa_kernels.convert(exclude=[...]); LoRA leaves out the same layers)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"training steps (default {d['steps']}, or the environment variable STEPS when set)")
     p.add_argument("--batch-size", type=int, default=d["batch_size"],
@@ -507,15 +688,18 @@ def build_parser(fe: FrontEnd) -> argparse.ArgumentParser:
     p.add_argument("--head-lr", type=float, default=fe.head_lr,
                    help=f"learning rate of the new head (default {fe.head_lr:g})")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=int, default=fe.threads, help=f"torch CPU threads (default {fe.threads})")
     p.add_argument("--log-every", type=int, default=d["log_every"],
                    help=f"print the loss every N steps (default {d['log_every']})")
     p.add_argument("--quiet", action="store_true", help="print only the table")
+    direction = "lowest" if fe.metric.lower_is_better else "highest"
+    p.add_argument("--sort", action="store_true",
+                   help=f"order the table best first ({direction} {fe.metric.header} first; default: --methods order)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the rows and the options as JSON")
     p.add_argument("--result-json", metavar="PATH", default=None, help=argparse.SUPPRESS)
     if fe.add_arguments is not None:
         fe.add_arguments(p)
-    p.set_defaults(_default_steps=d["steps"])
+    p.set_defaults(_default_steps=d["steps"], _default_energy=d["energy"])
     return p
 
 
@@ -538,7 +722,16 @@ def check_args(fe: FrontEnd, p: argparse.ArgumentParser, args) -> None:
     for name, v in positive.items():
         if v < 1:
             p.error(f"{name} must be >= 1, got {v}")
-    if not 0.0 < args.energy <= 1.0:
+    budget = getattr(args, "budget", None)
+    if budget is not None:
+        if args.energy is not None:
+            p.error(f"--energy and --budget both set the CERSA ranks; give one, got --energy {args.energy} and "
+                    f"--budget {budget}")
+        if not (math.isfinite(budget) and budget > 0):
+            p.error(f"--budget must be a finite fraction > 0 of the dense frozen numbers, got {budget}")
+    elif args.energy is None:
+        args.energy = args._default_energy
+    if args.energy is not None and not 0.0 < args.energy <= 1.0:
         p.error(f"--energy must be in (0, 1], got {args.energy}")
     if args.lr is not None and not args.lr > 0:
         p.error(f"--lr must be > 0, got {args.lr}")
@@ -547,6 +740,7 @@ def check_args(fe: FrontEnd, p: argparse.ArgumentParser, args) -> None:
     if args.weight_decay < 0:
         p.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
     _check_storage(p, args)
+    _check_method_options(fe, p, args)
     if fe.check_args is not None:
         fe.check_args(p, args)
 
@@ -575,17 +769,81 @@ def _check_storage(p: argparse.ArgumentParser, args) -> None:
                 f"int8 / nf4); got the methods {' '.join(methods)} with --quantize {quantize}")
 
 
+def _methods_of(args) -> list[str]:
+    return [args.method] if args.method is not None else list(args.methods)
+
+
+def _check_method_options(fe: FrontEnd, p: argparse.ArgumentParser, args) -> None:
+    """--init, --calibration, --calibration-damping, --lora-rank, --lora-alpha, --exclude: values and
+    the methods that use them (argparse errors, exit 2); resolves --lora-alpha to the front end's default."""
+    methods = _methods_of(args)
+    cersa = [m for m in methods if method_base(m) == "cersa"]
+    lora = [m for m in methods if method_base(m) == "lora"]
+    init = getattr(args, "init", None)
+    if init is not None:
+        if not cersa:
+            p.error(f"--init sets the CERSA delta init; expected a CERSA method among the methods, got "
+                    f"{' '.join(methods)}")
+        inits = cersa_inits()
+        if init not in inits:
+            p.error(f"--init: expected one of {', '.join(inits)} (cersa_kernels.config.INITS), got {init!r}")
+    calibration = getattr(args, "calibration", None)
+    if calibration is not None:
+        if calibration < 1:
+            p.error(f"--calibration must be >= 1 (training batches), got {calibration}")
+        if not cersa:
+            p.error(f"--calibration calibrates the CERSA truncation; expected a CERSA method among the methods, "
+                    f"got {' '.join(methods)}")
+    damping = getattr(args, "calibration_damping", None)
+    if damping is not None:
+        if not (math.isfinite(damping) and damping > 0):
+            p.error(f"--calibration-damping must be finite and > 0, got {damping}")
+        if calibration is None:
+            p.error(f"--calibration-damping {damping} needs --calibration N (it damps the calibration's moments)")
+    lora_rank = getattr(args, "lora_rank", None)
+    if lora_rank is not None:
+        if lora_rank < 1:
+            p.error(f"--lora-rank must be >= 1, got {lora_rank}")
+        if not lora:
+            p.error(f"--lora-rank sets LoRA's rank; expected lora or qlora among the methods, got {' '.join(methods)}")
+    if hasattr(args, "lora_alpha"):
+        if args.lora_alpha is not None:
+            if not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+                p.error(f"--lora-alpha must be > 0 and finite, got {args.lora_alpha}")
+            if not lora:
+                p.error(f"--lora-alpha sets LoRA's lora_alpha; expected lora or qlora among the methods, got "
+                        f"{' '.join(methods)}")
+        else:
+            args.lora_alpha = fe.lora_alpha
+    exclude = getattr(args, "exclude", None)
+    if exclude is not None:
+        if not cersa and not lora:
+            p.error(f"--exclude removes layers from CERSA's and LoRA's targets; expected a CERSA or LoRA method "
+                    f"among the methods, got {' '.join(methods)}")
+        empty = [e for e in exclude if not e.strip()]
+        if empty:
+            p.error(f"--exclude: expected non-empty patterns, got {exclude}")
+
+
+#: options a subprocess receives only when its method is based on cersa / lora (the others have no use
+#: for them, and their own checks would reject them).
+_CERSA_ONLY = {"init", "calibration", "calibration_damping"}
+_LORA_ONLY = {"lora_rank", "lora_alpha"}
+
+
 def _fmt(v) -> str:
     return repr(v) if isinstance(v, float) else str(v)
 
 
 #: options the runner sets itself for a subprocess (or that only the parent uses).
-_NOT_FORWARDED = {"help", "method", "compare", "methods", "result_json", "json", "_default_steps"}
+_NOT_FORWARDED = {"help", "method", "compare", "methods", "result_json", "json", "_default_steps", "_default_energy"}
 
 
 def child_argv(fe: FrontEnd, parser: argparse.ArgumentParser, args, method: str, result_json: str) -> list[str]:
     """The command line of ``method``'s subprocess: the script with --method, --result-json and every
-    option of ``args`` (resolved values; an option of ``fe.method_only`` only for its method)."""
+    option of ``args`` (resolved values; an option of ``fe.method_only`` only for its method; --init
+    and --calibration only for a CERSA method, --lora-rank and --lora-alpha only for lora / qlora,
+    --exclude only for either)."""
     argv = [sys.executable, os.path.abspath(fe.script), "--method", method, "--result-json", result_json]
     for a in parser._actions:
         if a.dest in _NOT_FORWARDED or not a.option_strings:
@@ -595,6 +853,11 @@ def child_argv(fe: FrontEnd, parser: argparse.ArgumentParser, args, method: str,
         if a.dest == "quantize" and method != "cersa":  # cersa-int8 / -nf4 fix it; others have no factors
             continue
         if a.dest == "double_quant" and not _method_quantize(method, args):
+            continue
+        base = method_base(method)
+        if (a.dest in _CERSA_ONLY and base != "cersa") or (a.dest in _LORA_ONLY and base != "lora"):
+            continue
+        if a.dest == "exclude" and base not in ("cersa", "lora"):
             continue
         flag = next((s for s in a.option_strings if s.startswith("--")), a.option_strings[0])
         v = getattr(args, a.dest)
@@ -626,14 +889,43 @@ def warmup_linear_decay(steps: int) -> Callable[[int], float]:
     return factor
 
 
+def _run_deferred_conversions(fe: FrontEnd, task: Task, args) -> None:
+    """The CERSA conversions ``prepare_method`` queued on ``args`` (--calibration): each runs now with
+    ``calibration=fn``, fn running ``task.forward_only`` on the first ``args.calibration`` training
+    batches (taken from ``task.batches`` and put back in front of it, so training still starts with
+    them); the conversion's row fields go into ``task.extra``.  Raises RuntimeError when the batches
+    end before N."""
+    pending = getattr(args, "_deferred_conversions", None) or []
+    args._deferred_conversions = []
+    if not pending:
+        return
+    n = int(args.calibration)
+    it = iter(task.batches)
+    calib = list(itertools.islice(it, n))
+    if len(calib) < n:
+        raise RuntimeError(f"--calibration {n}: the batches of {fe.name} ended after {len(calib)}, expected at "
+                           f"least {n} (the calibration runs on the first {n} training batches)")
+    task.batches = itertools.chain(calib, it)
+
+    def run_calibration(_module) -> None:
+        for batch in calib:
+            task.forward_only(task.model, batch)
+
+    for convert_now in pending:
+        task.extra.update(convert_now(run_calibration))
+
+
 def run_method(fe: FrontEnd, method: str, args) -> dict:
-    """Seed, ``fe.setup``, train ``args.steps`` steps, evaluate; returns the row of the table."""
+    """Seed, ``fe.setup``, run the conversions it deferred (--calibration), evaluate before training
+    when ``fe.eval_before``, train ``args.steps`` steps, evaluate; returns the row of the table."""
     import torch
 
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
+    args._deferred_conversions = []
     task = fe.setup(method, args)
     model = task.model
+    _run_deferred_conversions(fe, task, args)
     head = list(task.head)
     for p in head:
         p.requires_grad_(True)
@@ -648,6 +940,13 @@ def run_method(fe: FrontEnd, method: str, args) -> dict:
     setup_s = time.perf_counter() - t_start
     rss_before_train = current_rss_mib()
     peak_before_train = peak_rss_mib()  # the reset below forgets the peak of loading and conversion
+    before = None
+    if fe.eval_before:
+        t_before = time.perf_counter()
+        model.eval()
+        with torch.no_grad():
+            before = float((task.evaluate_before or task.evaluate)(model))
+        before_s = time.perf_counter() - t_before
     peak_reset = reset_peak_rss()
 
     model.train()
@@ -716,6 +1015,9 @@ def run_method(fe: FrontEnd, method: str, args) -> dict:
         "eval_s": eval_s,
         "total_s": time.perf_counter() - t_start,
     }
+    if before is not None:
+        row[fe.metric.key + "_before"] = before
+        row["eval_before_s"] = before_s
     row.update(task.extra)
     if not args.quiet:
         print(f"[{method}] {fe.metric.header} {value:.4f} on {task.n_test} {fe.eval_what}; setup {setup_s:.1f} s, "
@@ -737,17 +1039,22 @@ def method_table(rows: list[dict], base_label: str, metric: Metric | None = None
 
     rows: dicts with method, the metric's key, trainable, total_param_bytes, base_bytes,
     dense_base_bytes, base_frozen, peak_rss_mib, train_peak_rss_mib (NaN prints n/a), s_per_step, lr;
-    ``base_label`` heads the base-weight column."""
+    ``base_label`` heads the base-weight column.  A column "before" (the metric before training,
+    key ``<metric key>_before``) follows the metric when any row has that key."""
     metric = metric or Metric()
-    head = ["method", metric.header, "trainable params", base_label, "total params (MiB)",
-            "peak RSS (MiB)", "train peak RSS (MiB)", "s / step", "lr"]
+    before_key = metric.key + "_before"
+    with_before = any(r.get(before_key) is not None for r in rows)
+    head = ["method", metric.header, *(["before"] if with_before else []), "trainable params", base_label,
+            "total params (MiB)", "peak RSS (MiB)", "train peak RSS (MiB)", "s / step", "lr"]
     body = []
     for r in rows:
         kind = "frozen" if r["base_frozen"] else "trained"
         ratio = r["base_bytes"] / r["dense_base_bytes"] if r["dense_base_bytes"] else float("nan")
+        before = r.get(before_key)
         body.append([
             r["method"],
             metric.fmt(r[metric.key]),
+            *([("n/a" if before is None else metric.fmt(before))] if with_before else []),
             f"{r['trainable']:,}",
             f"{mib(r['base_bytes'])} {kind} ({ratio:.3f}x dense)",
             mib(r["total_param_bytes"]),
@@ -784,7 +1091,12 @@ def format_table(fe: FrontEnd, rows: list[dict]) -> str:
             out.append(f"{r['method']}: {r['layers_converted']} of {r['layers_candidates']} candidate layers "
                        f"converted, {r['layers_dense']} left dense (unsupported, or no memory saving at this "
                        f"energy); energy rank r / min(m, n) {r['rank_fraction_min']:.2f}-{r['rank_fraction_max']:.2f} "
-                       f"(median {r['rank_fraction_median']:.2f}).")
+                       f"(median {r['rank_fraction_median']:.2f}); "
+                       + (f"rank budget {r['budget']:g}" if r.get("budget") is not None else
+                          f"energy {r['energy']:g}" if r.get("energy") is not None else "ranks as converted")
+                       + (f", init {r['init']}" if r.get("init") else "")
+                       + (f", truncation calibrated on {r['calibration']} training batches" if r.get("calibration")
+                          else "") + ".")
     return "\n".join(out)
 
 
@@ -831,8 +1143,9 @@ def _json_safe(v):
 def main(fe: FrontEnd, argv: list[str] | None = None) -> list[dict]:
     """Parse ``argv`` (default sys.argv[1:]), set torch's thread count; with --method run that
     method here (with --result-json write its row and return without printing), else run each of
-    --methods in its own subprocess; print the title with the wall time and the table; with --json
-    write {"title", "options", "rows"} (NaN as null).  Returns the rows."""
+    --methods in its own subprocess; print the title with the wall time and the table (best first
+    with --sort); with --json write {"title", "front_end", "metric" (key, header, lower_is_better),
+    "options", "rows"} (NaN as null), atomically.  Returns the rows."""
     import torch
 
     parser = build_parser(fe)
@@ -853,9 +1166,14 @@ def main(fe: FrontEnd, argv: list[str] | None = None) -> list[dict]:
     title = f"{fe.title(args)}; wall time {time.perf_counter() - t0:.0f} s"
     print()
     print(title)
-    print(format_table(fe, rows))
+    shown = sorted(rows, key=lambda r: fe.metric.sort_key(r[fe.metric.key])) if args.sort else rows
+    print(format_table(fe, shown))
     if args.json:
         options = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "result_json"}
-        with open(args.json, "w") as f:
-            json.dump(_json_safe({"title": title, "options": options, "rows": rows}), f, indent=1)
+        result = {"title": title, "front_end": fe.name, "metric": fe.metric.describe(), "options": options,
+                  "rows": rows}
+        tmp = args.json + ".part"
+        with open(tmp, "w") as f:
+            json.dump(_json_safe(result), f, indent=1)
+        os.replace(tmp, args.json)  # a reader (python/_sweep.py) never sees half a file
     return rows

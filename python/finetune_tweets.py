@@ -54,17 +54,8 @@ DEFAULT_HEAD_LR = bbc.DEFAULT_HEAD_LR
 
 #: the layers CERSA and LoRA adapt (names / dotted suffixes, for peft and cersa_kernels.convert).
 TARGET_MODULES = ("query", "key", "value", "dense")
-#: LoRA's lora_alpha (scale alpha / r = 2 at r = 8).
+#: LoRA's lora_alpha (scale alpha / r = 2 at r = 8): the runner's --lora-alpha default here.
 DEFAULT_LORA_ALPHA = 16.0
-
-
-def prepare_lora(encoder: nn.Module, rank: int, alpha: float, targets) -> nn.Module:
-    """PEFT LoRA of rank ``rank`` and lora_alpha ``alpha`` (no dropout, no bias) on ``targets``;
-    returns the PEFT wrapper (only lora_A / lora_B trainable)."""
-    from peft import LoraConfig, get_peft_model
-
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), bias="none")
-    return get_peft_model(encoder, cfg)
 
 
 def setup(method: str, args) -> Task:
@@ -78,11 +69,8 @@ def setup(method: str, args) -> Task:
     dense_count, dense_bytes, _ = base_weights(encoder, (nn.Linear,))
     hidden = encoder.config.hidden_size
 
-    if method == "lora":
-        encoder, extra = prepare_lora(encoder, args.delta_rank, args.lora_alpha, TARGET_MODULES), {}
-    else:
-        encoder, extra = prepare_method(method, encoder, args, targets=list(TARGET_MODULES), kind="Linear",
-                                        what="encoder")
+    encoder, extra = prepare_method(method, encoder, args, targets=list(TARGET_MODULES), kind="Linear",
+                                    what="encoder")
     torch.manual_seed(args.seed)
     model = bbc.TextClassifier(encoder, hidden, len(data.class_names))
 
@@ -93,7 +81,9 @@ def setup(method: str, args) -> Task:
     te_y = [data.labels[i] for i in test_idx]
 
     def train_batches():
-        for idx in bbc.batches(len(tr_ids), args.batch_size, args.steps, args.seed):
+        # --calibration N runs the model on the first N batches (the plan's prefix does not depend on its length)
+        n = max(args.steps, getattr(args, "calibration", None) or 0)
+        for idx in bbc.batches(len(tr_ids), args.batch_size, n, args.seed):
             yield bbc.collate([tr_ids[j] for j in idx], pad_id), torch.tensor([tr_y[j] for j in idx])
 
     return Task(model=model, head=list(model.head.parameters()), batches=train_batches(),
@@ -111,8 +101,6 @@ def add_arguments(p) -> None:
                    help=f"training tweets: the first N of the seeded shuffle (default {tweets_data.N_TRAIN})")
     p.add_argument("--test-size", type=int, default=tweets_data.N_TEST,
                    help=f"test tweets: the N after the training ones (default {tweets_data.N_TEST})")
-    p.add_argument("--lora-alpha", type=float, default=DEFAULT_LORA_ALPHA,
-                   help=f"LoRA lora_alpha (default {DEFAULT_LORA_ALPHA:g}; lora only)")
 
 
 def check_args(p, args) -> None:
@@ -125,8 +113,6 @@ def check_args(p, args) -> None:
     if args.train_size + args.test_size > tweets_data.NUM_DISTINCT:
         p.error(f"--train-size + --test-size must be <= {tweets_data.NUM_DISTINCT} (distinct tweets), "
                 f"got {args.train_size} + {args.test_size}")
-    if not args.lora_alpha > 0:
-        p.error(f"--lora-alpha must be > 0, got {args.lora_alpha}")
 
 
 def notes(rows: list[dict]) -> list[str]:
@@ -148,11 +134,12 @@ FRONT_END = FrontEnd(
     methods=METHODS, default_lr=DEFAULT_LR, head_lr=DEFAULT_HEAD_LR, setup=setup,
     title=lambda args: f"all-MiniLM-L6-v2 on tweet sentiment: {args.steps} steps of batch {args.batch_size}, "
                        f"max length {args.max_length}, seed {args.seed}, CERSA energy {args.energy} / "
-                       f"delta rank {args.delta_rank}, LoRA rank {args.delta_rank} alpha {args.lora_alpha:g}, "
+                       f"delta rank {args.delta_rank}, LoRA rank {args.lora_rank or args.delta_rank} "
+                       f"alpha {args.lora_alpha:g}, "
                        f"{args.threads} threads",
     notes=notes, base_label="Linear base weights (MiB)",
     defaults={"energy": 0.93, "delta_rank": 8, "steps": 150, "batch_size": 32, "log_every": 25},
-    add_arguments=add_arguments, check_args=check_args, method_only={"lora_alpha": "lora"},
+    add_arguments=add_arguments, check_args=check_args, lora_alpha=DEFAULT_LORA_ALPHA,
     child_env={"HF_HUB_OFFLINE": "1"}, eval_what="held-out tweets")
 
 

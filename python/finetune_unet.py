@@ -26,14 +26,16 @@ The diffusion-UNet front end of the package, run the way a researcher would:
 * methods, all on the same 255 target layers (every nn.Linear and nn.Conv2d of the model: 3x3 and
   1x1 convolutions, the attention's 1x1 qkv / proj_out, the embedding MLPs): ``cersa``
   (``cersa_kernels.convert(model, energy=0.93, delta_rank=16, target_modules=...)``; layers whose
-  factors would not save memory stay dense and frozen, and are reported), ``lora`` (the real ``peft``
+  factors would not save memory stay dense and frozen, and are reported; ``--calibration N``
+  calibrates the truncation on the first N training batches), ``lora`` (the real ``peft``
   package, LoRA of rank 16 = the CERSA delta rank, lora_alpha = rank, on the same layers; PEFT's
   Conv2d LoRA is a conv with the layer's kernel down to rank r and a 1x1 conv up), ``full`` (every
   parameter).  There is no new head.
 * metric: denoising MSE (on the [-1, 1] scale) of ``--test-size`` held-out test images at the fixed
   ``--eval-sigmas`` (default 0.1, 0.5, 2.0), with fixed seeded noise shared by every method, before
-  training (after the preparation: for CERSA this includes the truncation of the spectrum) and
-  after; the table's metric is the mean over the sigmas after training, the notes give each sigma
+  training (the runner's ``FrontEnd.eval_before``, on the model as prepared: for CERSA after the
+  conversion, calibrated or not, so it includes the truncation of the spectrum; the column
+  "before") and after; the table's metric is the mean over the sigmas after training, the notes give each sigma
   and PSNR = 10 log10(2^2 / MSE) dB.  A PNG grid per method (noisy / denoised rows per sigma, then
   the clean images) goes to ``--out`` (default results/unet/).
 
@@ -188,8 +190,10 @@ def load_model() -> nn.Module:
 
 def setup(method: str, args) -> Task:
     """Data (a seeded test sample and fixed evaluation noise), the model prepared for ``method`` on its
-    Linear and Conv2d layers, its denoising MSE before training, and training batches (images drawn
-    with replacement, sigmas and noise) from a seeded generator."""
+    Linear and Conv2d layers (with --calibration the runner converts after this returns), the
+    denoising MSE before training (``Task.evaluate_before``, fields ``*_before_sigma_*``) and after
+    (``Task.evaluate``, fields ``*_after_sigma_*``), and training batches (images drawn with
+    replacement, sigmas and noise) from a seeded generator."""
     xtr, _, xte, _ = load_fashion_mnist(args.data)
     g = torch.Generator().manual_seed(args.seed)
     te_idx = torch.randperm(len(xte), generator=g)[:args.test_size]
@@ -203,21 +207,16 @@ def setup(method: str, args) -> Task:
     targets = layer_names(model, TARGET_TYPES)
     dense_count, dense_bytes, _ = base_weights(model, TARGET_TYPES)
     model, extra = prepare_method(method, model, args, targets=targets, kind="Linear/Conv2d", what="UNet")
-    before = denoising_mse(model, test, eval_noise, sigmas, args.difficulty)
     extra.update({"target_layers": len(targets), "image_size": args.image_size, "difficulty": args.difficulty,
-                  "eval_sigmas": list(sigmas), "sigma_sampling": args.sigma_sampling, "weighting": args.weighting,
-                  "mse_before": sum(before.values()) / len(before)})
-    for s, v in before.items():
-        extra[f"mse_before_sigma_{sigma_key(s)}"] = v
-        extra[f"psnr_before_sigma_{sigma_key(s)}"] = psnr(v)
+                  "eval_sigmas": list(sigmas), "sigma_sampling": args.sigma_sampling, "weighting": args.weighting})
 
-    def evaluate(m) -> float:
-        # the runner copies Task.extra into the row after this call: the per-sigma values ride along
-        after = denoising_mse(m, test, eval_noise, sigmas, args.difficulty)
-        for s, v in after.items():
-            extra[f"mse_after_sigma_{sigma_key(s)}"] = v
-            extra[f"psnr_after_sigma_{sigma_key(s)}"] = psnr(v)
-        return sum(after.values()) / len(after)
+    def measure(m, when: str) -> float:
+        # the runner copies Task.extra into the row after the last evaluation: the per-sigma values ride along
+        mse = denoising_mse(m, test, eval_noise, sigmas, args.difficulty)
+        for s, v in mse.items():
+            extra[f"mse_{when}_sigma_{sigma_key(s)}"] = v
+            extra[f"psnr_{when}_sigma_{sigma_key(s)}"] = psnr(v)
+        return sum(mse.values()) / len(mse)
 
     def after_training(m) -> None:
         if args.grid_images:
@@ -233,7 +232,8 @@ def setup(method: str, args) -> Task:
             clean = to_input(xtr[idx], args.image_size)
             yield clean, sigma, torch.randn(clean.shape, generator=g)
 
-    return Task(model=model, head=[], batches=train_batches(), evaluate=evaluate, base=(model, TARGET_TYPES),
+    return Task(model=model, head=[], batches=train_batches(), evaluate=lambda m: measure(m, "after"),
+                evaluate_before=lambda m: measure(m, "before"), base=(model, TARGET_TYPES),
                 dense_base=(dense_count, dense_bytes), loss=denoising_loss(args, sigma_data), n_train=len(xtr),
                 n_test=len(test), extra=extra, after_training=after_training)
 
@@ -242,12 +242,6 @@ def setup(method: str, args) -> Task:
 # command line and table
 # ----------------------------------------------------------------------------------------------
 def add_arguments(p) -> None:
-    # One torch thread by default: on the shared 2-core machine, 2 threads under other jobs' load made a
-    # step 5-20x slower in wall time (OpenMP spin-waiting); an idle machine gains ~1.6x from --threads 2.
-    for action in p._actions:
-        if action.dest == "threads":
-            action.default = 1
-            action.help = "torch CPU threads (default 1 here: see the module docstring)"
     p.add_argument("--image-size", type=int, default=32,
                    help="image side in pixels, a multiple of 16 (the UNet downsamples 4 times; default 32)")
     p.add_argument("--test-size", type=int, default=32, help="held-out test images evaluated (default 32)")
@@ -306,8 +300,10 @@ def notes(rows: list[dict]) -> list[str]:
         cells = [f"{r[f'mse_before_sigma_{s}']:.5f} -> {r[f'mse_after_sigma_{s}']:.5f} "
                  f"({r[f'psnr_before_sigma_{s}']:.2f} -> {r[f'psnr_after_sigma_{s}']:.2f})" for s in sig]
         lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
-    lines.append("before: the prepared model before the first step (for CERSA: with the truncated spectrum; for "
-                 "LoRA and full: the pretrained model).  PSNR = 10 log10(4 / MSE).")
+    calib = "".join(f"; {r['method']} calibrated on {r['calibration']} training batches" for r in rows
+                    if r.get("calibration"))
+    lines.append("before: the prepared model before the first step (for CERSA: with the truncated spectrum"
+                 f"{calib}; for LoRA and full: the pretrained model).  PSNR = 10 log10(4 / MSE).")
     grids = [r["grid_png"] for r in rows if r.get("grid_png")]
     if grids:
         lines.append("grids (noisy / denoised rows per sigma, clean last): " + ", ".join(grids))
@@ -323,12 +319,17 @@ FRONT_END = FrontEnd(
     methods=METHODS, default_lr=DEFAULT_LR, head_lr=DEFAULT_HEAD_LR, setup=setup,
     title=lambda args: f"Consistency UNet (adaptive-terrain-diffusion) on Fashion-MNIST: {args.steps} steps of batch "
                        f"{args.batch_size}, {args.image_size}x{args.image_size} images, seed {args.seed}, "
-                       f"CERSA energy {args.energy} / delta rank {args.delta_rank}, LoRA rank {args.delta_rank}, "
+                       f"CERSA energy {args.energy} / delta rank {args.delta_rank}, "
+                       f"LoRA rank {args.lora_rank or args.delta_rank}, "
                        f"{args.threads} threads",
     notes=notes, base_label="Linear/conv base weights (MiB)",
-    metric=Metric(key="mse", header="denoising MSE", fmt=lambda v: f"{v:.5f}"),
+    metric=Metric(key="mse", header="denoising MSE", fmt=lambda v: f"{v:.5f}", lower_is_better=True),
     defaults={"energy": 0.93, "delta_rank": 16, "steps": 60, "batch_size": 8, "log_every": 10},
-    add_arguments=add_arguments, check_args=check_args, eval_what="test images (mean MSE over the eval sigmas)")
+    add_arguments=add_arguments, check_args=check_args, eval_what="test images (mean MSE over the eval sigmas)",
+    # One torch thread by default: on the shared 2-core machine, 2 threads under other jobs' load made a
+    # step 5-20x slower in wall time (OpenMP spin-waiting); an idle machine gains ~1.6x from --threads 2.
+    # The MSE before training is the runner's eval_before: after the conversion that --calibration defers.
+    threads=1, eval_before=True)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

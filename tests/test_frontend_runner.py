@@ -348,3 +348,315 @@ def test_storage_options_without_a_method_using_them_are_errors(toy, capsys):
         assert msg in capsys.readouterr().err
     with pytest.raises(ValueError, match="expected a CERSA method"):
         _frontend.cersa_quantize("lora", None)
+
+
+# ------------------------------------------------------------------------------------------------
+# the options every front end shares: checks, STEPS, defaults, forwarding (each real front end too)
+# ------------------------------------------------------------------------------------------------
+FRONT_END_MODULES = ("finetune_bbc", "finetune_tweets", "finetune_llm", "finetune_vit", "finetune_unet")
+
+
+def _front_end(name):
+    import importlib
+
+    return importlib.import_module(name)
+
+
+SHARED_BAD_OPTIONS = [
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--delta-rank", "0"], "--delta-rank must be >= 1, got 0"),
+    (["--energy", "0"], "--energy must be in (0, 1]"),
+    (["--energy", "1.5"], "--energy must be in (0, 1], got 1.5"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--method", "cersa", "--compare"], "not allowed"),
+    (["--method", "lora", "--compare"], "not allowed"),
+    (["--lora-alpha", "0"], "--lora-alpha must be > 0"),
+    (["--lora-rank", "0"], "--lora-rank must be >= 1, got 0"),
+    (["--budget", "0"], "--budget must be a finite fraction > 0"),
+    (["--budget", "nan"], "--budget must be a finite fraction > 0"),
+    (["--budget", "0.5", "--energy", "0.9"], "--energy and --budget both set the CERSA ranks"),
+    (["--init", "bogus"], "--init: expected one of"),
+    (["--method", "full", "--init", "lora"], "--init sets the CERSA delta init"),
+    (["--method", "full", "--lora-rank", "4"], "--lora-rank sets LoRA's rank"),
+    (["--method", "cersa", "--lora-alpha", "4"], "--lora-alpha sets LoRA's lora_alpha"),
+    (["--method", "full", "--exclude", "x"], "--exclude removes layers from CERSA's and LoRA's targets"),
+    (["--exclude", " "], "--exclude: expected non-empty patterns"),
+]
+
+
+@pytest.mark.parametrize("name", FRONT_END_MODULES)
+def test_shared_bad_options_exit_with_a_message(name, capsys, monkeypatch):
+    fe = _front_end(name)
+    monkeypatch.delenv("STEPS", raising=False)
+    for argv, msg in SHARED_BAD_OPTIONS:
+        with pytest.raises(SystemExit) as exc:
+            fe.main(argv)
+        assert exc.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert msg in err, (argv, err)
+    inits = ", ".join(_frontend.cersa_inits())
+    with pytest.raises(SystemExit):
+        fe.main(["--init", "bogus"])
+    assert f"--init: expected one of {inits} (cersa_kernels.config.INITS), got 'bogus'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", FRONT_END_MODULES)
+def test_steps_from_the_environment(name, capsys, monkeypatch):
+    from helpers import parse_frontend
+
+    fe = _front_end(name).FRONT_END
+    default = fe.defaults["steps"]
+    assert parse_frontend(fe, [], monkeypatch, steps_env="7")[1].steps == 7
+    assert parse_frontend(fe, ["--steps", "3"], monkeypatch, steps_env="7")[1].steps == 3  # the option wins
+    assert parse_frontend(fe, [], monkeypatch, steps_env="")[1].steps == default
+    assert parse_frontend(fe, [], monkeypatch)[1].steps == default
+    for bad in ("0", "-2", "five", "zero"):
+        monkeypatch.setenv("STEPS", bad)
+        with pytest.raises(SystemExit) as exc:
+            _front_end(name).main(["--method", "cersa"])
+        assert exc.value.code == 2
+        assert f"STEPS (environment) must be a positive integer, got {bad!r}" in capsys.readouterr().err
+
+
+def test_per_front_end_defaults_of_threads_lora_alpha_and_metric():
+    bbc, tweets, llm, vit, unet = (_front_end(n).FRONT_END for n in FRONT_END_MODULES)
+    assert (bbc.threads, tweets.threads, llm.threads, vit.threads, unet.threads) == (2, 2, 2, 2, 1)
+    assert tweets.lora_alpha == 16.0 and bbc.lora_alpha is None and vit.lora_alpha is None
+    assert not bbc.metric.lower_is_better and not vit.metric.lower_is_better
+    assert llm.metric.lower_is_better and unet.metric.lower_is_better
+    for fe in (bbc, tweets, llm, vit, unet):
+        args = _frontend.build_parser(fe).parse_args([])
+        assert args.threads == fe.threads and args.energy is None and args.budget is None and args.init is None
+        assert args.lora_rank is None and args.exclude is None
+        assert hasattr(args, "calibration") is fe.calibration
+    assert all(fe.calibration for fe in (bbc, tweets, llm, vit, unet))
+    # llm and unet measure the converted model before training (after a held-back, calibrated conversion)
+    assert (llm.eval_before, unet.eval_before, bbc.eval_before, vit.eval_before) == (True, True, False, False)
+    spec = dict(script="x.py", description="", methods=("full",), default_lr={"full": 1e-3}, head_lr=1e-2,
+                setup=None, title=str, notes=lambda rows: [], base_label="base")
+    for bad, msg in (({"threads": 0}, "threads: expected an int >= 1"), ({"lora_alpha": 0.0}, "lora_alpha")):
+        with pytest.raises(ValueError, match=msg):
+            _frontend.FrontEnd(**spec, **bad)
+
+
+def test_metric_direction_orders_and_describes():
+    acc = _frontend.Metric()
+    ppl = _frontend.Metric("perplexity", "perplexity", str, lower_is_better=True)
+    vals = [3.0, float("nan"), 1.0, 2.0]
+    assert sorted(vals, key=acc.sort_key)[:3] == [3.0, 2.0, 1.0] and math.isnan(sorted(vals, key=acc.sort_key)[3])
+    assert sorted(vals, key=ppl.sort_key)[:3] == [1.0, 2.0, 3.0]
+    assert ppl.describe() == {"key": "perplexity", "header": "perplexity", "lower_is_better": True}
+
+
+def test_child_argv_forwards_method_options_only_where_they_apply(toy, monkeypatch):
+    monkeypatch.delenv("STEPS", raising=False)
+    parser = _frontend.build_parser(toy.FRONT_END)
+    args = parser.parse_args(["--methods", "cersa", "cersa-nf4", "lora", "qlora", "full", "--init", "lora",
+                              "--budget", "0.5", "--lora-rank", "4", "--lora-alpha", "8", "--exclude", "2", "0"])
+    _frontend.check_args(toy.FRONT_END, parser, args)
+    argv = {m: _frontend.child_argv(toy.FRONT_END, parser, args, m, f"{m}.json") for m in args.methods}
+    value = lambda a, flag: a[a.index(flag) + 1] if flag in a else None  # noqa: E731
+    for m in ("cersa", "cersa-nf4"):
+        assert value(argv[m], "--init") == "lora" and "--lora-rank" not in argv[m] and "--lora-alpha" not in argv[m]
+        assert argv[m][argv[m].index("--exclude"):][:3] == ["--exclude", "2", "0"]
+    for m in ("lora", "qlora"):
+        assert "--init" not in argv[m] and value(argv[m], "--lora-rank") == "4"
+        assert value(argv[m], "--lora-alpha") == "8.0"
+        assert "--exclude" in argv[m]
+    assert not {"--init", "--lora-rank", "--lora-alpha", "--exclude"} & set(argv["full"])
+    for m, a in argv.items():  # the budget reaches every process (no energy then), and each child's checks pass
+        assert value(a, "--budget") == "0.5" and "--energy" not in a
+        child = parser.parse_args(a[2:])
+        _frontend.check_args(toy.FRONT_END, parser, child)
+        assert child.budget == 0.5 and child.energy is None
+    # without --budget every process gets the resolved energy
+    args = parser.parse_args(["--methods", "cersa", "lora"])
+    _frontend.check_args(toy.FRONT_END, parser, args)
+    assert args.energy == 0.93 and args.lora_alpha is None
+    assert value(_frontend.child_argv(toy.FRONT_END, parser, args, "lora", "x.json"), "--energy") == "0.93"
+
+
+def test_budget_init_and_exclude_reach_the_conversion(toy, monkeypatch):
+    import cersa_kernels  # noqa: F401
+
+    inits = _frontend.cersa_inits()
+    plain = _run(toy, "cersa", monkeypatch, "--steps", "2")
+    assert plain["energy"] == 0.93 and plain["budget"] is None and plain["calibration"] == 0
+    from cersa_kernels.config import CersaConfig
+
+    assert plain["init"] == CersaConfig().init
+    other = next(i for i in inits if i != plain["init"])
+    row = _run(toy, "cersa", monkeypatch, "--steps", "2", "--budget", "0.5", "--init", other)
+    assert row["budget"] == 0.5 and row["energy"] is None and row["init"] == other
+    assert row["base_bytes"] <= 0.5 * row["dense_base_bytes"] + 4 * 64  # U, S, Vh within the budget (and S)
+    table = _frontend.format_table(toy.FRONT_END, [plain, row])
+    assert f"rank budget 0.5, init {other}." in table and f"energy 0.93, init {plain['init']}." in table
+    excluded = _run(toy, "cersa", monkeypatch, "--steps", "2", "--exclude", "2")
+    assert excluded["layers_candidates"] == 1 and excluded["base_layers"] == 2  # layer "2" stays dense
+    with pytest.raises(ValueError, match="exclude"):
+        _run(toy, "cersa", monkeypatch, "--steps", "2", "--exclude", "nothing")
+
+
+@pytest.mark.skipif(not HAVE_PEFT, reason="peft not installed (pip install peft)")
+def test_lora_rank_alpha_and_exclude(toy, monkeypatch):
+    row = _run(toy, "lora", monkeypatch, "--steps", "2", "--delta-rank", "5", "--lora-rank", "3",
+               "--lora-alpha", "6", "--exclude", "2")
+    assert row["lora_rank"] == 3 and row["lora_alpha"] == 6.0
+    assert row["trainable"] == 3 * (32 + 32) + 18  # only layer "0" adapted
+    _, args = _args(toy, "--method", "lora", "--lora-rank", "4", "--lora-alpha", "12")
+    body, _ = _frontend.prepare_method("lora", _toy_body(), args)
+    assert {m.scaling["default"] for m in body.modules() if hasattr(m, "scaling") and m.scaling} == {3.0}
+    # defaults: the delta rank, alpha = rank
+    row = _run(toy, "lora", monkeypatch, "--steps", "2", "--delta-rank", "2")
+    assert row["lora_rank"] == 2 and row["lora_alpha"] == 2.0
+    assert _frontend.lora_targets(_toy_body(), None, None) == ["0", "2"]
+    assert _frontend.lora_targets(_toy_body(), ["0", "2"], ["2*"]) == ["0"]
+    with pytest.raises(ValueError, match="--exclude: the pattern 'x' matches no LoRA target"):
+        _frontend.lora_targets(_toy_body(), None, ["x"])
+    with pytest.raises(ValueError, match="remove every one"):
+        _frontend.lora_targets(_toy_body(), None, ["0", "2"])
+
+
+def test_tweets_lora_alpha_reaches_only_lora_processes(monkeypatch):
+    ft = _front_end("finetune_tweets")
+    monkeypatch.delenv("STEPS", raising=False)
+    parser = _frontend.build_parser(ft.FRONT_END)
+    args = parser.parse_args(["--methods", "cersa", "lora", "qlora", "full"])
+    _frontend.check_args(ft.FRONT_END, parser, args)
+    assert args.lora_alpha == 16.0
+    for m in args.methods:
+        a = _frontend.child_argv(ft.FRONT_END, parser, args, m, "x.json")
+        assert ("--lora-alpha" in a) is (m in ("lora", "qlora"))
+
+
+class _FakeModel:
+    def __init__(self):
+        self.training = True
+        self.calls = []
+
+    def eval(self):
+        self.training = False
+
+    def train(self, mode=True):
+        self.training = mode
+
+
+def test_deferred_conversion_calibrates_on_the_first_batches():
+    import argparse
+
+    import torch
+
+    model = _FakeModel()
+    seen = []
+
+    def loss(m, batch):
+        seen.append((batch, m.training, torch.is_grad_enabled()))
+        return torch.zeros(())
+
+    task = _frontend.Task(model=model, head=[], batches=iter(range(10)), evaluate=lambda m: 0.0, base=(None,),
+                          dense_base=(0, 0), loss=loss)
+    fe = _frontend.FrontEnd(script="fe.py", description="", methods=("cersa",), default_lr={"cersa": 1e-3},
+                            head_lr=1e-2, setup=None, title=str, notes=lambda rows: [], base_label="base")
+    calls = []
+
+    def convert_now(fn):
+        fn(None)
+        fn(None)  # a conversion may run the calibration more than once (several passes)
+        calls.append(1)
+        return {"layers_converted": 3}
+
+    args = argparse.Namespace(calibration=3, _deferred_conversions=[convert_now])
+    _frontend._run_deferred_conversions(fe, task, args)
+    assert calls == [1] and task.extra == {"layers_converted": 3} and args._deferred_conversions == []
+    assert [b for b, _, _ in seen] == [0, 1, 2, 0, 1, 2]
+    assert all(not training and not grad for _, training, grad in seen) and model.training is True
+    assert list(task.batches) == list(range(10))  # training still starts with the calibration batches
+    task.batches = iter(range(2))
+    args._deferred_conversions = [convert_now]
+    with pytest.raises(RuntimeError, match="--calibration 3: the batches of fe ended after 2"):
+        _frontend._run_deferred_conversions(fe, task, args)
+
+
+def test_calibration_runs_the_model_before_conversion(toy, monkeypatch):
+    import cersa_kernels
+
+    captured = {}
+    setup = toy.FRONT_END.setup
+
+    def capture(method, args):
+        task = setup(method, args)
+        after = task.after_training
+
+        def record(m):
+            after(m)
+            captured["report"] = cersa_kernels.get_report(m[0])
+        task.after_training = record
+        return task
+
+    import dataclasses
+
+    fe = dataclasses.replace(toy.FRONT_END, setup=capture)
+    monkeypatch.delenv("STEPS", raising=False)
+    (row,) = _frontend.main(fe, ["--method", "cersa", "--quiet", "--steps", "3", "--calibration", "2"])
+    assert row["calibration"] == 2 and row["layers_converted"] >= 1
+    assert row["batches_used"] == 3  # the two calibration batches are the first two training batches
+    assert captured["report"].policy.get("calibration") is not None
+    (plain,) = _frontend.main(fe, ["--method", "cersa", "--quiet", "--steps", "3"])
+    assert plain["calibration"] == 0 and captured["report"].policy.get("calibration") is None
+    with pytest.raises(RuntimeError, match="--calibration 5: the batches of toy_frontend ended after 4"):
+        monkeypatch.setenv("TOY_BATCHES", "4")
+        _frontend.main(fe, ["--method", "cersa", "--quiet", "--steps", "3", "--calibration", "5"])
+
+
+def test_calibration_option_checks(toy, capsys, monkeypatch):
+    monkeypatch.delenv("STEPS", raising=False)
+    cases = [(["--method", "lora", "--calibration", "2"], "--calibration calibrates the CERSA truncation"),
+             (["--method", "cersa", "--calibration", "0"], "--calibration must be >= 1 (training batches), got 0"),
+             (["--method", "cersa", "--calibration-damping", "0.1"], "needs --calibration N")]
+    cases.append((["--method", "cersa", "--calibration", "2", "--calibration-damping", "0"],
+                  "--calibration-damping must be finite and > 0"))
+    for argv, msg in cases:
+        with pytest.raises(SystemExit) as exc:
+            _args(toy, *argv)
+        assert exc.value.code == 2 and msg in capsys.readouterr().err
+    import dataclasses
+
+    no_cal = dataclasses.replace(toy.FRONT_END, calibration=False)  # a front end that cannot calibrate
+    with pytest.raises(SystemExit):
+        _frontend.build_parser(no_cal).parse_args(["--method", "cersa", "--calibration", "2"])
+    assert "unrecognized arguments: --calibration" in capsys.readouterr().err
+
+
+def test_eval_before_adds_a_column_and_json_names_the_metric(toy, tmp_path, monkeypatch):
+    import dataclasses
+
+    monkeypatch.delenv("STEPS", raising=False)
+    fe = dataclasses.replace(toy.FRONT_END, eval_before=True)
+    out = tmp_path / "r.json"
+    (row,) = _frontend.main(fe, ["--method", "full", "--quiet", "--steps", "2", "--json", str(out)])
+    assert 0.0 <= row["accuracy_before"] <= 1.0 and row["eval_before_s"] >= 0
+    result = json.loads(out.read_text())
+    assert result["metric"] == {"key": "accuracy", "header": "accuracy", "lower_is_better": False}
+    assert result["front_end"] == "toy_frontend" and result["rows"][0]["accuracy_before"] == row["accuracy_before"]
+    assert not os.path.exists(str(out) + ".part")
+    head, _, line = _frontend.method_table([row], "base", fe.metric)
+    assert [c.strip() for c in head.strip("|").split("|")][:3] == ["method", "accuracy", "before"]
+    assert [c.strip() for c in line.strip("|").split("|")][2] == _frontend.percent(row["accuracy_before"])
+    (plain,) = _frontend.main(toy.FRONT_END, ["--method", "full", "--quiet", "--steps", "2"])
+    assert "accuracy_before" not in plain and "before" not in _frontend.method_table([plain], "base")[0]
+
+
+@processes
+def test_sort_orders_the_table_best_first(toy, tmp_path):
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, toy.FRONT_END.script, "--methods", "head", "full", "--quiet", "--sort",
+                           "--json", str(out)], env=_env(STEPS="3"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["head", "full"]  # the JSON keeps the --methods order
+    best_first = [r["method"] for r in sorted(rows, key=lambda r: -r["accuracy"])]
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| method"))
+    assert [line.split("|")[1].strip() for line in lines[header + 2: header + 4]] == best_first
+    assert "--sort" in _frontend.build_parser(toy.FRONT_END).format_help()

@@ -129,19 +129,17 @@ def test_defaults_follow_the_protocol(ft, monkeypatch, capsys):
         parser.parse_args(["--help"])
     helptext = " ".join(capsys.readouterr().out.split())
     assert "cersa and lora share the default learning rate 5e-4" in helptext
-    monkeypatch.setenv("STEPS", "3")
-    args = parser.parse_args([])
-    _frontend.check_args(ft.FRONT_END, parser, args)
-    assert args.steps == 3
+    # STEPS from the environment and the runner's shared options (--lora-alpha, --steps, ...):
+    # tests/test_frontend_runner.py
 
 
 def test_bad_options_exit_with_a_message(ft, capsys):
+    # the runner's shared options (--steps, --lora-alpha, ...): tests/test_frontend_runner.py
     for argv, msg in ((["--max-length", "4"], "--max-length must be >= 8, got 4"),
                       (["--train-size", "0"], "--train-size must be >= 1, got 0"),
                       (["--test-size", "-1"], "--test-size must be >= 1, got -1"),
                       (["--train-size", "37000", "--test-size", "1500"], "--train-size + --test-size must be <= 37243"),
-                      (["--lora-alpha", "0"], "--lora-alpha must be > 0"),
-                      (["--steps", "0"], "--steps"), (["--method", "head"], "invalid choice")):
+                      (["--method", "head"], "invalid choice")):
         with pytest.raises(SystemExit) as exc:
             ft.main(argv)
         assert exc.value.code == 2

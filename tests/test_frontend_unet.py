@@ -1,7 +1,8 @@
 """Tests of the diffusion-UNet front end (python/finetune_unet.py) and its use of the runner.
 
-Argument handling (no model needed): bad options exit with a message naming the option, STEPS from
-the environment, the subprocess command line of --compare.  The pieces of the objective on a small
+Argument handling (no model needed): bad options exit with a message naming the option, the
+subprocess command line of --compare (STEPS and the options every front end shares:
+tests/test_frontend_runner.py).  The pieces of the objective on a small
 randomly initialised UNet of the same classes (sigma sampling, loss weighting, the loss and the
 held-out MSE against direct computations, the PNG grid).  A tiny run of each method (2 steps of
 batch 2 at 32 x 32, 4 test images) through main(), checked against parameter counts and
@@ -69,10 +70,6 @@ def test_defaults(monkeypatch):
     (["--grid-images", "9", "--test-size", "8"], "--grid-images must be in [0, --test-size = 8], got 9"),
     (["--sigma-sampling", "uniform"], "invalid choice: 'uniform'"),
     (["--weighting", "snr"], "invalid choice: 'snr'"),
-    (["--steps", "0"], "--steps must be >= 1, got 0"),
-    (["--delta-rank", "0"], "--delta-rank"),
-    (["--energy", "1.5"], "--energy must be in (0, 1]"),
-    (["--method", "lora", "--compare"], "not allowed"),
     (["--methods", "cersa", "head"], "invalid choice: 'head'"),
 ])
 def test_bad_options_exit_with_a_message(argv, msg, capsys, monkeypatch):
@@ -83,15 +80,7 @@ def test_bad_options_exit_with_a_message(argv, msg, capsys, monkeypatch):
     assert msg in capsys.readouterr().err
 
 
-def test_steps_from_the_environment(monkeypatch, capsys):
-    assert _parse([], monkeypatch, steps_env="7")[1].steps == 7
-    assert _parse(["--steps", "3"], monkeypatch, steps_env="7")[1].steps == 3  # the option wins
-    assert _parse([], monkeypatch, steps_env="")[1].steps == 60
-    monkeypatch.setenv("STEPS", "zero")
-    with pytest.raises(SystemExit) as exc:
-        fu.main(["--method", "cersa"])
-    assert exc.value.code == 2
-    assert "STEPS (environment) must be a positive integer, got 'zero'" in capsys.readouterr().err
+# STEPS from the environment and the runner's shared options (--steps, --energy, ...): tests/test_frontend_runner.py
 
 
 def test_compare_command_line_forwards_every_option(monkeypatch):
@@ -238,6 +227,8 @@ def _check_common(row, shapes, tmp_path):
         assert all(0 < v < 4 for v in vals)  # images and outputs of order 1: far below the 2^2 range
         assert math.isclose(row[f"psnr_{when}_sigma_0.1"], 10 * math.log10(4 / vals[0]))
     assert math.isclose(row["mse"], sum(row[f"mse_after_sigma_{s}"] for s in ("0.1", "0.5", "2")) / 3)
+    # the runner's eval_before: the column "before" is the mean of the per-sigma values before training
+    assert math.isclose(row["mse_before"], sum(row[f"mse_before_sigma_{s}"] for s in ("0.1", "0.5", "2")) / 3)
     assert row["grid_png"] == os.path.join(str(tmp_path), f"{row['method']}.png") and os.path.isfile(row["grid_png"])
 
 
@@ -289,3 +280,41 @@ def test_tiny_cersa_converts_linear_and_conv_layers(target_shapes, tmp_path, cap
                     + sum(m.weight.numel() for m in dense))
     assert row["base_bytes"] == expected < row["dense_base_bytes"]
     assert row["base_frozen"] is True
+
+
+@needs_run
+@slow
+def test_tiny_cersa_calibrated_measures_before_on_the_converted_model(target_shapes, tmp_path, monkeypatch):
+    import functools
+
+    import cersa_kernels
+
+    shapes, _ = target_shapes
+    calls, seen = [], []
+    convert = cersa_kernels.convert
+
+    @functools.wraps(convert)  # the runner reads convert's signature for --calibration
+    def recording_convert(m, *a, **kw):
+        calls.append(kw)
+        return convert(m, *a, **kw)
+
+    monkeypatch.setattr(cersa_kernels, "convert", recording_convert)
+    setup = fu.FRONT_END.setup
+
+    def recording_setup(method, args):
+        task = setup(method, args)
+        assert not calls  # with --calibration the runner converts after setup
+        before = task.evaluate_before
+
+        def evaluate_before(m):
+            seen.append(sum(isinstance(x, cersa_kernels.CersaLayer) for x in m.modules()))
+            return before(m)
+
+        task.evaluate_before = evaluate_before
+        return task
+
+    monkeypatch.setattr(fu.FRONT_END, "setup", recording_setup)
+    (row,) = fu.main(["--method", "cersa", "--calibration", "2", *_tiny(tmp_path)])
+    _check_common(row, shapes, tmp_path)
+    assert row["calibration"] == 2 and callable(calls[0]["calibration"])
+    assert seen == [row["layers_converted"]] and row["layers_converted"] > 0  # measured once, on the conversion

@@ -1,7 +1,8 @@
 """Tests of the Vision Transformer front end (python/finetune_vit.py) and its use of the runner.
 
-Argument handling (no model needed): bad options exit with a message naming the option, STEPS from
-the environment, the subprocess command line of --compare.  A tiny run of each method (2 steps of
+Argument handling (no model needed): bad options exit with a message naming the option, the
+subprocess command line of --compare (STEPS and the options every front end shares:
+tests/test_frontend_runner.py).  A tiny run of each method (2 steps of
 batch 4 at 28 x 28, 8 test images) through main(), checked against parameter counts and base-weight
 bytes computed independently from the backbone's layer shapes.
 """
@@ -54,11 +55,6 @@ def test_defaults(monkeypatch):
     (["--image-size", "0"], "--image-size"),
     (["--test-size", "0"], "--test-size"),
     (["--test-size", "10001"], "--test-size"),
-    (["--steps", "0"], "--steps must be >= 1, got 0"),
-    (["--delta-rank", "0"], "--delta-rank"),
-    (["--energy", "0"], "--energy must be in (0, 1]"),
-    (["--lr", "-1"], "--lr must be > 0"),
-    (["--method", "lora", "--compare"], "not allowed"),
     (["--methods", "cersa", "head"], "invalid choice: 'head'"),
 ])
 def test_bad_options_exit_with_a_message(argv, msg, capsys, monkeypatch):
@@ -69,16 +65,7 @@ def test_bad_options_exit_with_a_message(argv, msg, capsys, monkeypatch):
     assert msg in capsys.readouterr().err
 
 
-def test_steps_from_the_environment(monkeypatch, capsys):
-    assert _parse([], monkeypatch, steps_env="7")[1].steps == 7
-    assert _parse(["--steps", "3"], monkeypatch, steps_env="7")[1].steps == 3  # the option wins
-    assert _parse([], monkeypatch, steps_env="")[1].steps == 120
-    for bad in ("0", "-2", "five"):
-        monkeypatch.setenv("STEPS", bad)
-        with pytest.raises(SystemExit) as exc:
-            fv.main(["--method", "cersa"])
-        assert exc.value.code == 2
-        assert f"STEPS (environment) must be a positive integer, got {bad!r}" in capsys.readouterr().err
+# STEPS from the environment and the runner's shared options (--steps, --energy, ...): tests/test_frontend_runner.py
 
 
 def test_compare_command_line_forwards_every_option(monkeypatch):
@@ -172,7 +159,8 @@ def test_tiny_full(target_shapes):
 
 @needs_run
 @slow
-def test_tiny_cersa_converts_the_patch_embedding(target_shapes, capsys, monkeypatch):
+@pytest.mark.parametrize("calibration", [0, 2], ids=["plain", "calibrated"])
+def test_tiny_cersa_converts_the_patch_embedding(target_shapes, capsys, monkeypatch, calibration):
     import cersa_kernels
     from torch import nn
 
@@ -180,8 +168,10 @@ def test_tiny_cersa_converts_the_patch_embedding(target_shapes, capsys, monkeypa
     tasks = []
     setup = fv.FRONT_END.setup
     monkeypatch.setattr(fv.FRONT_END, "setup", lambda method, args: tasks.append(setup(method, args)) or tasks[-1])
-    (row,) = fv.main(["--method", "cersa", *TINY])
+    # --calibration N: the runner converts the backbone after setup, running the classifier on N training batches
+    (row,) = fv.main(["--method", "cersa", *TINY, *(["--calibration", str(calibration)] if calibration else [])])
     _check_common(row, shapes)
+    assert row["calibration"] == calibration
     assert "CERSA conversion report of the backbone" in capsys.readouterr().out
     # the trained model, counted here from its layers' shapes and ranks
     backbone = tasks[0].model.backbone
