@@ -121,7 +121,9 @@ def convert(model: nn.Module, energy: float | None = 0.93, *, rank: int | None =
       converted (with the reason), raises ValueError naming it; targeting a projection inside an
       nn.MultiheadAttention (instead of the attention module) too.
     max_frozen_ratio: a layer is converted only when its stored numbers r(m + n + 1) are below
-      max_frozen_ratio * m n; otherwise it stays dense and is reported (None converts every layer).
+      max_frozen_ratio * m n (with quantize: its stored bytes, codes + scales + S, below that
+      fraction of the dense bytes; planning.truncation_nbytes); otherwise it stays dense and is
+      reported (None converts every layer).
     progress: a tqdm bar with the current layer's name as postfix.
     calibration: None (each weight truncated by its own spectrum), or data to truncate by the
       layers' inputs instead (activation-aware truncation, docs/design.md "Activation-aware
