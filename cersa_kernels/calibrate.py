@@ -20,10 +20,8 @@ Conversion-level: imported by ``convert`` and ``planning``; the layers only rece
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
-import os
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -32,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .decompose import (SINGLE_THREAD_SVD_MAX_DIM, DecompositionInfo, canonical_signs, check_energy, check_rank,
+from .decompose import (DecompositionInfo, _cdtype, _svd_threads, canonical_signs, check_energy, check_rank,
                         check_weight, singular_values, truncated_svd)
 from .layers import CersaConv1D, CersaConvNd, CersaLinear, CersaMultiheadAttention
 
@@ -115,36 +113,6 @@ class WeightedDecompositionInfo(DecompositionInfo):
     weighted_error: float = float("nan")
 
 
-@contextlib.contextmanager
-def _threads(W: Tensor):
-    """torch's intra-op threads around the CPU work of one matrix, by the rule of the plain
-    decomposition (decompose.SINGLE_THREAD_SVD_MAX_DIM; ``$CERSA_SVD_THREADS`` overrides): one
-    thread up to that size, where more threads only spin-wait on a loaded machine."""
-    want = None
-    if W.device.type == "cpu":
-        env = os.environ.get("CERSA_SVD_THREADS")
-        if env:
-            try:
-                want = max(1, int(env))
-            except ValueError:
-                raise ValueError(f"CERSA_SVD_THREADS: expected a positive int, got {env!r}") from None
-        elif min(W.shape) <= SINGLE_THREAD_SVD_MAX_DIM:
-            want = 1
-    old = torch.get_num_threads()
-    if want is None or want == old:
-        yield
-        return
-    torch.set_num_threads(want)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def _cdtype(W: Tensor) -> torch.dtype:
-    return torch.float64 if W.dtype == torch.float64 else torch.float32
-
-
 def _check_moment(C: Tensor, n: int, where: str) -> Tensor:
     if not isinstance(C, Tensor):
         raise TypeError(f"C: expected a Tensor (n, n) for {where}, got {type(C).__name__}")
@@ -184,7 +152,7 @@ def weighted_singular_values(W: Tensor, C: Tensor, damping: float = DEFAULT_DAMP
     """All min(m, n) singular values S' of W L (descending; see :func:`weighted_matrix`): the
     spectrum the rank policies (energy, budget) use under calibration.  svd: as
     ``decompose.singular_values``."""
-    with torch.no_grad(), _threads(W):
+    with torch.no_grad(), _svd_threads(W):
         M = weighted_matrix(W, C, damping, where)
     return singular_values(M, where, svd=svd)
 
@@ -230,7 +198,7 @@ def weighted_truncated_svd(W: Tensor, C: Tensor, energy: float | None = None, ra
     if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
         raise ValueError(f"extra: expected an int >= 0, got {extra!r}")
     damping = check_damping(damping)
-    with torch.no_grad(), _threads(W):
+    with torch.no_grad(), _svd_threads(W):
         M = weighted_matrix(W, C, damping, where)
         Ur, Sr, _, info = truncated_svd(M, energy=energy, rank=rank, where=where, svd=svd)
         r = info.rank
