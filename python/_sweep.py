@@ -41,7 +41,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 __all__ = ["Run", "Outcome", "grid", "run_grid", "aggregate", "markdown_table", "plot", "steps_from_env",
-           "MEASURED"]
+           "add_sweep_arguments", "check_sweep_arguments", "run_and_report", "MEASURED", "ROOT"]
+
+#: the repository root (results/ lives there).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: fields of a result row averaged per cell besides the metric: (row key, cell key).
 MEASURED = (("base_bytes", "base_mib"), ("train_peak_rss_mib", "train_peak_mib"), ("s_per_step", "s_per_step"),
@@ -453,6 +456,60 @@ def failures_text(outcomes: list[Outcome]) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # command line: a grid over one front end
 # ----------------------------------------------------------------------------------------------
+def add_sweep_arguments(p: argparse.ArgumentParser, name: str) -> None:
+    """The options every sweep script shares: --steps, --jobs, --results (the cache folder
+    results/<name>_runs), --md / --png (results/<name>.md / .png), --timeout, --dry-run."""
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps of every run (default: the environment variable STEPS, else each front "
+                        "end's default)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, one torch thread each (default 1)")
+    p.add_argument("--results", default=os.path.join(ROOT, "results", f"{name}_runs"),
+                   help=f"folder of the per-run JSON files, the cache (default results/{name}_runs)")
+    p.add_argument("--md", default=os.path.join(ROOT, "results", f"{name}.md"), help="markdown output")
+    p.add_argument("--png", default=os.path.join(ROOT, "results", f"{name}.png"), help="PNG output")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per run (default: no limit)")
+    p.add_argument("--dry-run", action="store_true", help="print the command lines and stop")
+
+
+def check_sweep_arguments(p: argparse.ArgumentParser, args) -> int | None:
+    """Check the options of :func:`add_sweep_arguments` (argparse errors naming the option);
+    returns the steps of every run (``steps_from_env``)."""
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.timeout is not None and not args.timeout > 0:
+        p.error(f"--timeout must be > 0, got {args.timeout}")
+    try:
+        return steps_from_env(args.steps)
+    except ValueError as exc:
+        p.error(str(exc))
+
+
+def run_and_report(runs: dict[str, list[Run]], args, steps: int | None, tag: str,
+                   report: Callable[[dict], str], panels: Callable[[dict], list[dict]], title: str) -> int:
+    """Run the grids ``runs`` ({group: runs}) as :func:`add_sweep_arguments`' options say (or print
+    their command lines with --dry-run), aggregate each group (the runs whose tags[tag] is the
+    group), write report(cells per group) to --md and plot(panels(cells per group)) to --png.
+    Returns the exit code: 1 when a run failed, else 0."""
+    if args.dry_run:
+        for group_runs in runs.values():
+            for r in group_runs:
+                print(" ".join(r.argv(os.path.join(args.results, r.key(steps) + ".json"), steps)[1:]))
+        return 0
+    every = [r for group_runs in runs.values() for r in group_runs]
+    outcomes = run_grid(every, args.results, jobs=args.jobs, steps=steps, timeout=args.timeout)
+    cells = {g: aggregate([o for o in outcomes if o.run.tags[tag] == g]) for g in runs}
+    text = report(cells, outcomes)
+    os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
+    with open(args.md, "w") as f:
+        f.write(text)
+    plot(panels(cells), args.png, title=title)
+    print(text)
+    print(f"wrote {args.md} and {args.png}")
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
 def _parse_axis(text: str) -> tuple[str, list]:
     name, sep, values = text.partition("=")
     if not sep or not name.strip() or not values.strip():

@@ -121,46 +121,15 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog="Grid, outputs and cost: see the module docstring (python/frontier.py).")
     p.add_argument("--tasks", nargs="+", choices=tuple(JOBS), default=list(JOBS), help="jobs (default: bbc vit)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="training steps of every run (default: the environment variable STEPS, else each front "
-                        "end's default)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once, one torch thread each (default 1)")
-    p.add_argument("--results", default=os.path.join(ROOT, "results", "frontier_runs"),
-                   help="folder of the per-run JSON files, the cache (default results/frontier_runs)")
-    p.add_argument("--md", default=os.path.join(ROOT, "results", "frontier.md"), help="markdown output")
-    p.add_argument("--png", default=os.path.join(ROOT, "results", "frontier.png"), help="PNG output")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per run (default: no limit)")
-    p.add_argument("--dry-run", action="store_true", help="print the command lines and stop")
+    _sweep.add_sweep_arguments(p, "frontier")
     args = p.parse_args(argv)
-    if args.jobs < 1:
-        p.error(f"--jobs must be >= 1, got {args.jobs}")
-    if args.steps is not None and args.steps < 1:
-        p.error(f"--steps must be >= 1, got {args.steps}")
+    steps = _sweep.check_sweep_arguments(p, args)
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds: expected distinct seeds, got {args.seeds}")
-    if args.timeout is not None and not args.timeout > 0:
-        p.error(f"--timeout must be > 0, got {args.timeout}")
-    try:
-        steps = _sweep.steps_from_env(args.steps)
-    except ValueError as exc:
-        p.error(str(exc))
     runs = {job: runs_for(job, args.seeds) for job in args.tasks}
-    if args.dry_run:
-        for job_runs in runs.values():
-            for r in job_runs:
-                print(" ".join(r.argv(os.path.join(args.results, r.key(steps) + ".json"), steps)[1:]))
-        return 0
-    every = [r for job_runs in runs.values() for r in job_runs]
-    outcomes = _sweep.run_grid(every, args.results, jobs=args.jobs, steps=steps, timeout=args.timeout)
-    job_cells = {job: _sweep.aggregate([o for o in outcomes if o.run.tags["job"] == job]) for job in args.tasks}
-    text = report(job_cells, steps, args.seeds, outcomes)
-    os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
-    with open(args.md, "w") as f:
-        f.write(text)
-    _sweep.plot(panels(job_cells), args.png, title="task metric against memory (mean over seeds; bars: min-max)")
-    print(text)
-    print(f"wrote {args.md} and {args.png}")
-    return 1 if any(o.status == "failed" for o in outcomes) else 0
+    return _sweep.run_and_report(runs, args, steps, "job",
+                                 lambda cells, outcomes: report(cells, steps, args.seeds, outcomes), panels,
+                                 "task metric against memory (mean over seeds; bars: min-max)")
 
 
 if __name__ == "__main__":

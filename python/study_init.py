@@ -29,7 +29,6 @@ Cost: the full grid is 168 runs (28 per task and seed), hours on 2 CPU cores.  U
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import os
 import sys
@@ -54,13 +53,6 @@ def inits() -> tuple:
     import _frontend
 
     return _frontend.cersa_inits()
-
-
-def calibration_supported() -> bool:
-    """Whether ``cersa_kernels.convert`` takes ``calibration=``."""
-    import cersa_kernels
-
-    return "calibration" in inspect.signature(cersa_kernels.convert).parameters
 
 
 def runs_for(task: str, init_names, calibrations, lrs, seeds, lora: bool = True) -> list[_sweep.Run]:
@@ -107,13 +99,13 @@ def pivot(cells: list[dict], lrs) -> str:
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(b) for b in body])
 
 
-def report(task_cells: dict, args, steps, notes: list[str], outcomes) -> str:
+def report(task_cells: dict, args, steps, outcomes) -> str:
     """The markdown of results/study_init.md."""
     lines = ["# Delta init study: CERSA inits, calibration, learning rate (PEFT LoRA beside)", "",
              f"inits {', '.join(args.inits)}; calibration {args.calibration} (on: --calibration "
              f"{CALIBRATION_BATCHES}); lr {', '.join(f'{x:g}' for x in args.lrs)}; seeds {args.seeds}; steps "
              f"{steps if steps is not None else 'each front end’s default'}; every other option the front end's "
-             "default; one torch thread per run.", *notes, "",
+             "default; one torch thread per run.", "",
              "**A difference smaller than the spread over the seeds (± std, or the [min, max] range) is no "
              "difference.**", ""]
     for task, cells in task_cells.items():
@@ -137,17 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"learning rates (default {' '.join(f'{x:g}' for x in LRS)})")
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="seeds (default 0 1 2)")
     p.add_argument("--no-lora", action="store_true", help="leave out the PEFT LoRA runs")
-    p.add_argument("--steps", type=int, default=None,
-                   help="training steps of every run (default: the environment variable STEPS, else each front "
-                        "end's default)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once, one torch thread each (default 1)")
-    p.add_argument("--results", default=os.path.join(ROOT, "results", "study_init_runs"),
-                   help="folder of the per-run JSON files, the cache (default results/study_init_runs)")
-    p.add_argument("--md", default=os.path.join(ROOT, "results", "study_init.md"), help="markdown output")
-    p.add_argument("--png", default=os.path.join(ROOT, "results", "study_init.png"), help="PNG output")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per run (default: no limit)")
-    p.add_argument("--dry-run", action="store_true", help="print the command lines and stop")
+    _sweep.add_sweep_arguments(p, "study_init")
     args = p.parse_args(argv)
+    steps = _sweep.check_sweep_arguments(p, args)
     known = inits()
     if args.inits is None:
         args.inits = list(known)
@@ -160,44 +144,18 @@ def main(argv: list[str] | None = None) -> int:
     bad_lr = [x for x in args.lrs if not (math.isfinite(x) and x > 0)]
     if bad_lr:
         p.error(f"--lrs: expected finite learning rates > 0, got {bad_lr}")
-    if args.jobs < 1:
-        p.error(f"--jobs must be >= 1, got {args.jobs}")
-    if args.steps is not None and args.steps < 1:
-        p.error(f"--steps must be >= 1, got {args.steps}")
-    if args.timeout is not None and not args.timeout > 0:
-        p.error(f"--timeout must be > 0, got {args.timeout}")
-    try:
-        steps = _sweep.steps_from_env(args.steps)
-    except ValueError as exc:
-        p.error(str(exc))
     calibrations = ["off", "on"] if args.calibration == "both" else [args.calibration]
-    notes = []
-    if "on" in calibrations and not calibration_supported():
-        if args.calibration == "on":
-            p.error("--calibration on: cersa_kernels.convert has no calibration= keyword in this version")
-        calibrations = ["off"]
-        notes.append("calibration on: not run (cersa_kernels.convert has no calibration= keyword in this version).")
     runs = {t: runs_for(t, args.inits, calibrations, args.lrs, args.seeds, not args.no_lora) for t in args.tasks}
-    if args.dry_run:
-        for task_runs in runs.values():
-            for r in task_runs:
-                print(" ".join(r.argv(os.path.join(args.results, r.key(steps) + ".json"), steps)[1:]))
-        return 0
-    every = [r for task_runs in runs.values() for r in task_runs]
-    outcomes = _sweep.run_grid(every, args.results, jobs=args.jobs, steps=steps, timeout=args.timeout)
-    task_cells = {t: _sweep.aggregate([o for o in outcomes if o.run.tags["task"] == t]) for t in args.tasks}
-    text = report(task_cells, args, steps, notes, outcomes)
-    os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
-    with open(args.md, "w") as f:
-        f.write(text)
-    panels = [{"cells": cells, "x": lambda c: c["tags"]["lr"], "xscale": "log", "dodge": 0.04, "xticks": args.lrs,
-               "xlabel": "learning rate (body; series set side by side)",
-               "series": lambda c: c["tags"]["series"], "title": f"{t}: {TASKS[t][1]}"}
-              for t, cells in task_cells.items()]
-    _sweep.plot(panels, args.png, title="accuracy against learning rate per init (mean over seeds; bars: min-max)")
-    print(text)
-    print(f"wrote {args.md} and {args.png}")
-    return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+    def panels(task_cells):
+        return [{"cells": cells, "x": lambda c: c["tags"]["lr"], "xscale": "log", "dodge": 0.04, "xticks": args.lrs,
+                 "xlabel": "learning rate (body; series set side by side)",
+                 "series": lambda c: c["tags"]["series"], "title": f"{t}: {TASKS[t][1]}"}
+                for t, cells in task_cells.items()]
+
+    return _sweep.run_and_report(runs, args, steps, "task",
+                                 lambda cells, outcomes: report(cells, args, steps, outcomes), panels,
+                                 "accuracy against learning rate per init (mean over seeds; bars: min-max)")
 
 
 if __name__ == "__main__":
