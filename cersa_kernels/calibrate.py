@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .decompose import (DecompositionInfo, _cdtype, _svd_threads, canonical_signs, check_energy, check_rank,
-                        check_weight, singular_values, truncated_svd)
+from .decompose import (DecompositionInfo, _cdtype, _check_target, _svd_threads, canonical_signs, check_weight,
+                        singular_values, truncated_svd)
 from .layers import CersaConv1D, CersaConvNd, CersaLinear, CersaMultiheadAttention
 
 __all__ = ["DEFAULT_CALIBRATION_MEMORY", "DEFAULT_DAMPING", "CalibrationStats", "WeightedDecompositionInfo",
@@ -186,15 +186,7 @@ def weighted_truncated_svd(W: Tensor, C: Tensor, energy: float | None = None, ra
     (info.rank = r).  Raises ValueError / TypeError naming ``where`` (or the argument) for a bad
     weight, moment, energy / rank, extra or damping, or an all-zero / non-finite C.
     """
-    if (energy is None) == (rank is None):
-        raise ValueError(f"{where}: give exactly one of energy= and rank=, got energy={energy!r}, rank={rank!r}")
-    if energy is not None:
-        energy = check_energy(energy)
-    check_weight(W, where)
-    m, n = W.shape
-    p = min(m, n)
-    if rank is not None:
-        rank = check_rank(rank, p, where=f" ({where})")
+    energy, rank, m, n, p = _check_target(W, energy, rank, where)
     if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
         raise ValueError(f"extra: expected an int >= 0, got {extra!r}")
     damping = check_damping(damping)
@@ -477,16 +469,25 @@ def calibration_groups(todo, memory: int = DEFAULT_CALIBRATION_MEMORY) -> list[l
     the calibration data per group.  Raises ValueError naming calibration_memory and the layer when
     one target alone needs more."""
     memory = check_memory(memory)
+    def too_big(i, need):
+        return (f"calibration_memory: the input moments of {todo[i][0]} alone need {need:,} bytes (float64, "
+                f"n x n per matrix), more than calibration_memory={memory:,}")
+
+    return _greedy_groups(range(len(todo)), lambda i: moment_bytes(todo[i][2], todo[i][1]), memory, too_big)
+
+
+def _greedy_groups(items, need_of, memory: int, too_big) -> list[list]:
+    """``items`` in order, cut into consecutive groups whose needs (``need_of(item)`` bytes) sum to
+    at most ``memory``; an item that alone needs more raises ValueError(too_big(item, need))."""
     groups, cur, used = [], [], 0
-    for i, (name, mod, cls) in enumerate(todo):
-        need = moment_bytes(cls, mod)
+    for item in items:
+        need = need_of(item)
         if need > memory:
-            raise ValueError(f"calibration_memory: the input moments of {name} alone need {need:,} bytes (float64, "
-                             f"n x n per matrix), more than calibration_memory={memory:,}")
+            raise ValueError(too_big(item, need))
         if cur and used + need > memory:
             groups.append(cur)
             cur, used = [], 0
-        cur.append(i)
+        cur.append(item)
         used += need
     if cur:
         groups.append(cur)
@@ -536,19 +537,10 @@ def collect_moments(model: nn.Module, todo, calibration, *, memory: int = DEFAUL
     for name, mod, cls in todo:
         for i, (_, W) in enumerate(cls.matrices(mod)):
             slots.append(_Slot(name, i, int(W.shape[1])))
-    groups, cur, used = [], [], 0
-    for s in slots:
-        need = s.n * s.n * 8
-        if need > memory:
-            raise ValueError(f"calibration_memory: the input moment of {s.name} ({s.n} x {s.n} float64) alone needs "
-                             f"{need:,} bytes, more than calibration_memory={memory:,}")
-        if cur and used + need > memory:
-            groups.append(cur)
-            cur, used = [], 0
-        cur.append(s)
-        used += need
-    if cur:
-        groups.append(cur)
+    groups = _greedy_groups(
+        slots, lambda s: s.n * s.n * 8, memory,
+        lambda s, need: (f"calibration_memory: the input moment of {s.name} ({s.n} x {s.n} float64) alone needs "
+                         f"{need:,} bytes, more than calibration_memory={memory:,}"))
     if one_shot and len(groups) > 1:
         raise ValueError(f"calibration: the input moments need {len(groups)} passes over the calibration data under "
                          f"calibration_memory={memory:,} bytes, but a one-shot iterator gives only one; pass a list, "
