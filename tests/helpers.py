@@ -6,6 +6,8 @@ tests/conftest.py.
 """
 from __future__ import annotations
 
+import socket
+
 import torch
 from torch import nn
 
@@ -117,3 +119,10 @@ def parse_frontend(front_end, argv, monkeypatch, steps_env=None):
     args = parser.parse_args(argv)
     _frontend.check_args(front_end, parser, args)
     return parser, args
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a process group's MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import sys
 
 import pytest
@@ -20,6 +19,8 @@ from torch import nn
 
 import cersa_kernels
 from cersa_kernels import CersaLinear
+
+from helpers import free_port
 
 WORLD = 2
 STEPS = 3
@@ -159,19 +160,13 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     import torch.multiprocessing as mp
 
     outdir = tmp_path_factory.mktemp("dist")
     try:
-        mp.spawn(_worker, args=(WORLD, _free_port(), str(outdir)), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(WORLD, free_port(), str(outdir)), nprocs=WORLD, join=True)
     except Exception as exc:
         msgs = [torch.load(outdir / f"rank{r}.pt").get("error", "") for r in range(WORLD)
                 if (outdir / f"rank{r}.pt").exists()]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import sys
 
 import pytest
@@ -29,6 +28,8 @@ from torch import nn
 import cersa_kernels
 from cersa_kernels import CersaLinear
 from cersa_kernels.quant import QuantizedMatrix
+
+from helpers import free_port
 
 WORLD = 2
 STEPS = 3
@@ -178,12 +179,6 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """(folder of the initial models, [each rank's results])."""
@@ -193,7 +188,7 @@ def run(tmp_path_factory):
     for label, opts in FORMATS:  # converted once: every rank and the reference load the same model
         torch.save(_small_model(opts).state_dict(), _init_path(outdir, label))
     try:
-        mp.spawn(_worker, args=(WORLD, _free_port(), str(outdir)), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(WORLD, free_port(), str(outdir)), nprocs=WORLD, join=True)
     except Exception as exc:
         msgs = [torch.load(outdir / f"rank{r}.pt").get("error", "") for r in range(WORLD)
                 if (outdir / f"rank{r}.pt").exists()]
