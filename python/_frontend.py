@@ -565,7 +565,9 @@ class FrontEnd:
     ``<metric key>_before``, table column "before"; measured after the conversions that
     --calibration defers, with ``Task.evaluate_before`` or ``Task.evaluate``); calibration: whether
     --calibration is offered (it converts after ``setup`` returns: a front end measures the prepared
-    model with eval_before, not in setup; one that must measure it in setup sets False)."""
+    model with eval_before, not in setup; one that must measure it in setup sets False);
+    default_calibration: what --calibration is when not given and a CERSA method runs (training
+    batches; None: no calibration; ``--calibration 0`` turns a default off)."""
 
     script: str
     description: str
@@ -587,12 +589,17 @@ class FrontEnd:
     lora_alpha: float | None = None
     eval_before: bool = False
     calibration: bool = True
+    default_calibration: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1:
             raise ValueError(f"threads: expected an int >= 1, got {self.threads!r}")
         if self.lora_alpha is not None and not (isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0):
             raise ValueError(f"lora_alpha: expected None or a number > 0, got {self.lora_alpha!r}")
+        dc = self.default_calibration
+        if dc is not None and (not isinstance(dc, int) or isinstance(dc, bool) or dc < 1 or not self.calibration):
+            raise ValueError(f"default_calibration: expected None or an int >= 1 (training batches) on a front end "
+                             f"that offers --calibration, got {dc!r} (calibration={self.calibration})")
         if not self.methods:
             raise ValueError("methods: expected at least one method, got none")
         missing = [m for m in self.methods if m not in self.default_lr]
@@ -654,9 +661,11 @@ def build_parser(fe: FrontEnd) -> argparse.ArgumentParser:
                        help="CERSA delta init, one of cersa_kernels.config.INITS (checked when a CERSA method "
                             "runs; default: cersa_kernels.convert's)")
         if fe.calibration:
+            dc = "none" if fe.default_calibration is None else f"{fe.default_calibration}"
             p.add_argument("--calibration", type=int, default=None, metavar="N",
                            help="CERSA activation-aware truncation calibrated on the first N training batches "
-                                "(a forward pass each, no training; cersa_kernels.convert(calibration=fn))")
+                                "(a forward pass each, no training; cersa_kernels.convert(calibration=fn)); "
+                                f"0: the truncation by the weights' spectrum alone (default {dc})")
             p.add_argument("--calibration-damping", type=float, default=None, metavar="F",
                            help="with --calibration: the damping of the input second moments, "
                                 "cersa_kernels.convert(calibration_damping=F) (F > 0; default: convert's)")
@@ -789,17 +798,22 @@ def _check_method_options(fe: FrontEnd, p: argparse.ArgumentParser, args) -> Non
             p.error(f"--init: expected one of {', '.join(inits)} (cersa_kernels.config.INITS), got {init!r}")
     calibration = getattr(args, "calibration", None)
     if calibration is not None:
-        if calibration < 1:
-            p.error(f"--calibration must be >= 1 (training batches), got {calibration}")
-        if not cersa:
+        if calibration < 0:
+            p.error(f"--calibration must be >= 0 (training batches; 0: no calibration), got {calibration}")
+        if calibration > 0 and not cersa:
             p.error(f"--calibration calibrates the CERSA truncation; expected a CERSA method among the methods, "
                     f"got {' '.join(methods)}")
+    elif cersa and hasattr(args, "calibration"):
+        calibration = fe.default_calibration
+    if hasattr(args, "calibration"):
+        args.calibration = calibration or None  # resolved: N >= 1 batches, or None (off)
     damping = getattr(args, "calibration_damping", None)
     if damping is not None:
         if not (math.isfinite(damping) and damping > 0):
             p.error(f"--calibration-damping must be finite and > 0, got {damping}")
-        if calibration is None:
-            p.error(f"--calibration-damping {damping} needs --calibration N (it damps the calibration's moments)")
+        if not calibration:
+            p.error(f"--calibration-damping {damping} needs --calibration N >= 1 (it damps the calibration's "
+                    f"moments)")
     lora_rank = getattr(args, "lora_rank", None)
     if lora_rank is not None:
         if lora_rank < 1:
@@ -865,6 +879,8 @@ def child_argv(fe: FrontEnd, parser: argparse.ArgumentParser, args, method: str,
             if v != a.default:
                 argv.append(flag)
         elif v is None:
+            if a.dest == "calibration" and fe.default_calibration is not None:
+                argv += [flag, "0"]  # resolved off: the child must not take the default again
             continue
         elif isinstance(v, (list, tuple)):
             argv += [flag, *map(_fmt, v)]

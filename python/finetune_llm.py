@@ -291,7 +291,7 @@ FRONT_END = FrontEnd(
     add_arguments=add_arguments, check_args=check_args, child_env={"HF_HUB_OFFLINE": "1"},
     # the perplexity before training (and the tie check) on the model as converted: after the
     # conversion that --calibration defers past setup
-    eval_what="held-out chunks", eval_before=True)
+    eval_what="held-out chunks", eval_before=True, default_calibration=4)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -140,7 +140,7 @@ FRONT_END = FrontEnd(
     notes=notes, base_label="Linear base weights (MiB)",
     defaults={"energy": 0.93, "delta_rank": 8, "steps": 150, "batch_size": 32, "log_every": 25},
     add_arguments=add_arguments, check_args=check_args, lora_alpha=DEFAULT_LORA_ALPHA,
-    child_env={"HF_HUB_OFFLINE": "1"}, eval_what="held-out tweets")
+    child_env={"HF_HUB_OFFLINE": "1"}, eval_what="held-out tweets", default_calibration=4)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

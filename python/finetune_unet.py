@@ -329,7 +329,7 @@ FRONT_END = FrontEnd(
     # One torch thread by default: on the shared 2-core machine, 2 threads under other jobs' load made a
     # step 5-20x slower in wall time (OpenMP spin-waiting); an idle machine gains ~1.6x from --threads 2.
     # The MSE before training is the runner's eval_before: after the conversion that --calibration defers.
-    threads=1, eval_before=True)
+    threads=1, eval_before=True, default_calibration=4)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -160,7 +160,7 @@ FRONT_END = FrontEnd(
     notes=notes, base_label="Linear/conv base weights (MiB)",
     defaults={"energy": 0.93, "delta_rank": 16, "steps": 120, "batch_size": 16, "log_every": 20},
     add_arguments=add_arguments, check_args=check_args, child_env={"HF_HUB_OFFLINE": "1"},
-    eval_what="test images")
+    eval_what="test images", default_calibration=4)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

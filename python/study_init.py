@@ -64,8 +64,7 @@ def runs_for(task: str, init_names, calibrations, lrs, seeds, lora: bool = True)
         for cal in calibrations:
             for lr in lrs:
                 opts = {"--init": init, "--lr": lr}
-                if cal == "on":
-                    opts["--calibration"] = CALIBRATION_BATCHES
+                opts["--calibration"] = CALIBRATION_BATCHES if cal == "on" else 0
                 specs.append(("cersa", opts, f"cersa init={init} calibration {cal}", lr))
     if lora:
         for lr in lrs:

@@ -612,8 +612,10 @@ def test_calibration_runs_the_model_before_conversion(toy, monkeypatch):
 def test_calibration_option_checks(toy, capsys, monkeypatch):
     monkeypatch.delenv("STEPS", raising=False)
     cases = [(["--method", "lora", "--calibration", "2"], "--calibration calibrates the CERSA truncation"),
-             (["--method", "cersa", "--calibration", "0"], "--calibration must be >= 1 (training batches), got 0"),
-             (["--method", "cersa", "--calibration-damping", "0.1"], "needs --calibration N")]
+             (["--method", "cersa", "--calibration", "-1"], "--calibration must be >= 0 (training batches; 0: no "
+                                                             "calibration), got -1"),
+             (["--method", "cersa", "--calibration-damping", "0.1"], "needs --calibration N"),
+             (["--method", "cersa", "--calibration", "0", "--calibration-damping", "0.1"], "needs --calibration N")]
     cases.append((["--method", "cersa", "--calibration", "2", "--calibration-damping", "0"],
                   "--calibration-damping must be finite and > 0"))
     for argv, msg in cases:
@@ -626,6 +628,40 @@ def test_calibration_option_checks(toy, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         _frontend.build_parser(no_cal).parse_args(["--method", "cersa", "--calibration", "2"])
     assert "unrecognized arguments: --calibration" in capsys.readouterr().err
+
+
+def test_default_calibration_applies_to_cersa_and_zero_turns_it_off(toy, capsys, monkeypatch):
+    import dataclasses
+
+    monkeypatch.delenv("STEPS", raising=False)
+    fe = dataclasses.replace(toy.FRONT_END, default_calibration=3)
+    parser = _frontend.build_parser(fe)
+
+    def resolved(*argv):
+        args = parser.parse_args(list(argv))
+        _frontend.check_args(fe, parser, args)
+        return args
+
+    assert resolved("--method", "cersa").calibration == 3
+    assert resolved("--method", "cersa", "--calibration", "2").calibration == 2
+    assert resolved("--method", "cersa", "--calibration", "0").calibration is None
+    assert resolved("--method", "lora").calibration is None  # nothing to calibrate, no error
+    assert "(default 3)" in " ".join(parser.format_help().split())
+    # --compare: each child gets the resolved value, "0" when off, so that it does not take the default again
+    for argv, want in ((["--methods", "cersa", "lora"], "3"), (["--methods", "cersa", "lora", "--calibration", "0"], "0")):
+        args = resolved(*argv)
+        child = _frontend.child_argv(fe, parser, args, "cersa", "x.json")
+        assert child[child.index("--calibration") + 1] == want
+        assert "--calibration" not in _frontend.child_argv(fe, parser, args, "lora", "x.json")
+    (row,) = _frontend.main(fe, ["--method", "cersa", "--quiet", "--steps", "3"])
+    assert row["calibration"] == 3
+    (plain,) = _frontend.main(fe, ["--method", "cersa", "--quiet", "--steps", "3", "--calibration", "0"])
+    assert plain["calibration"] == 0
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValueError, match="default_calibration: expected None or an int >= 1"):
+            dataclasses.replace(toy.FRONT_END, default_calibration=bad)
+    with pytest.raises(ValueError, match="default_calibration"):
+        dataclasses.replace(toy.FRONT_END, default_calibration=2, calibration=False)
 
 
 def test_eval_before_adds_a_column_and_json_names_the_metric(toy, tmp_path, monkeypatch):

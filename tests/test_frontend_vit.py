@@ -169,7 +169,7 @@ def test_tiny_cersa_converts_the_patch_embedding(target_shapes, capsys, monkeypa
     setup = fv.FRONT_END.setup
     monkeypatch.setattr(fv.FRONT_END, "setup", lambda method, args: tasks.append(setup(method, args)) or tasks[-1])
     # --calibration N: the runner converts the backbone after setup, running the classifier on N training batches
-    (row,) = fv.main(["--method", "cersa", *TINY, *(["--calibration", str(calibration)] if calibration else [])])
+    (row,) = fv.main(["--method", "cersa", *TINY, "--calibration", str(calibration)])
     _check_common(row, shapes)
     assert row["calibration"] == calibration
     assert "CERSA conversion report of the backbone" in capsys.readouterr().out
