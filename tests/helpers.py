@@ -1,13 +1,18 @@
 """Models and checks shared by several test files: weights of a given spectrum, the toy model of the
-conversion and I/O tests, and the snapshot that bad-input tests compare a model with.
+conversion and I/O tests, the snapshot that bad-input tests compare a model with, and the gloo
+process group the distributed tests run their workers in.
 
 The fixtures, the float64 op reference and the factory of the op's random inputs are in
 tests/conftest.py.
 """
 from __future__ import annotations
 
+import datetime
+import os
 import socket
+from typing import Callable
 
+import pytest
 import torch
 from torch import nn
 
@@ -126,3 +131,51 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def param_bytes(params, local: bool) -> dict:
+    """{"frozen": bytes, "trainable": bytes} of ``params``; local: count each DTensor's local shard."""
+    out = {"frozen": 0, "trainable": 0}
+    for p in params:
+        t = p.to_local() if local and hasattr(p, "to_local") else p
+        out["trainable" if p.requires_grad else "frozen"] += t.numel() * t.element_size()
+    return out
+
+
+def _gloo_entry(rank: int, body: Callable[[int, int, str], dict], world: int, port: int, outdir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=180))
+    path = os.path.join(outdir, f"rank{rank}.pt")
+    try:
+        res = body(rank, world, outdir)
+        dist.barrier()
+    except BaseException:  # report, then let spawn see the failure
+        import traceback
+
+        torch.save({"error": traceback.format_exc()}, path)
+        raise
+    else:
+        torch.save(res, path)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(body: Callable[[int, int, str], dict], world: int, outdir) -> list[dict]:
+    """Run ``body(rank, world, outdir) -> results`` in ``world`` spawned processes joined in a gloo
+    process group on 127.0.0.1 (one torch thread each, 180 s timeout); returns each rank's results.
+    body must be a module-level function (spawn pickles it).  A failing rank fails the calling test
+    with every rank's traceback."""
+    import torch.multiprocessing as mp
+
+    outdir = str(outdir)
+    try:
+        mp.spawn(_gloo_entry, args=(body, world, free_port(), outdir), nprocs=world, join=True)
+    except Exception as exc:
+        msgs = [torch.load(os.path.join(outdir, f"rank{r}.pt")).get("error", "") for r in range(world)
+                if os.path.exists(os.path.join(outdir, f"rank{r}.pt"))]
+        pytest.fail(f"distributed workers failed: {exc}\n" + "\n".join(msgs))
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(world)]

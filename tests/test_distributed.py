@@ -9,8 +9,6 @@ on the concatenated batch.
 """
 from __future__ import annotations
 
-import datetime
-import os
 import sys
 
 import pytest
@@ -20,7 +18,7 @@ from torch import nn
 import cersa_kernels
 from cersa_kernels import CersaLinear
 
-from helpers import free_port
+from helpers import param_bytes as _bytes, run_distributed
 
 WORLD = 2
 STEPS = 3
@@ -75,103 +73,70 @@ def _train(net, batches, rows=slice(None)):
     return losses
 
 
-def _bytes(params, local: bool) -> dict:
-    out = {"frozen": 0, "trainable": 0}
-    for p in params:
-        t = p.to_local() if local and hasattr(p, "to_local") else p
-        out["trainable" if p.requires_grad else "frozen"] += t.numel() * t.element_size()
-    return out
-
-
 def _state(net) -> dict:
     """name -> full (unsharded) tensor, on every rank (FSDP2 keeps the module's own names)."""
     return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
             for n, p in net.named_parameters()}
 
 
-def _worker(rank: int, world: int, port: int, outdir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=180))
+def _worker(rank: int, world: int, outdir: str) -> dict:
+    """One rank's DDP, FSDP2 and FSDP1 runs (in a gloo process group: helpers.run_distributed)."""
     res: dict = {}
     rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     batches = _batches()
-    try:
-        # --- DDP ---------------------------------------------------------------------------------
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    # --- DDP ---------------------------------------------------------------------------------
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ddp = DDP(_small_model(), find_unused_parameters=False)
-        res["ddp_losses"] = _train(ddp, batches, rows)
-        res["ddp_state"] = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
+    ddp = DDP(_small_model(), find_unused_parameters=False)
+    res["ddp_losses"] = _train(ddp, batches, rows)
+    res["ddp_state"] = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
 
-        # --- FSDP2 ---------------------------------------------------------------------------------
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+    # --- FSDP2 ---------------------------------------------------------------------------------
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (world,))
-        net = _small_model()
-        for m in net:
-            if isinstance(m, CersaLinear):
-                fully_shard(m, mesh=mesh)
-        fully_shard(net, mesh=mesh)
-        res["fsdp2_placements"] = {n: (type(p).__name__, str(getattr(p, "placements", None)),
-                                       tuple(p.shape), tuple(p.to_local().shape), p.requires_grad)
-                                   for n, p in net.named_parameters()}
-        res["fsdp2_losses"] = _train(net, batches, rows)
-        res["fsdp2_state"] = _state(net)
-
-        big = _minilm_shaped_model()
-        res["mem_full"] = _bytes(big.parameters(), local=False)
-        for m in big:
+    mesh = init_device_mesh("cpu", (world,))
+    net = _small_model()
+    for m in net:
+        if isinstance(m, CersaLinear):
             fully_shard(m, mesh=mesh)
-        fully_shard(big, mesh=mesh)
-        res["mem_rank"] = _bytes(big.parameters(), local=True)
-        x = torch.randn(3, 7, 384)
-        loss = big(x).square().mean()
-        loss.backward()  # a step on the sharded MiniLM-shaped layers: gradients are sharded too
-        res["mem_grad_rank"] = sum(p.grad.to_local().numel() * 4 for p in big.parameters() if p.requires_grad)
+    fully_shard(net, mesh=mesh)
+    res["fsdp2_placements"] = {n: (type(p).__name__, str(getattr(p, "placements", None)),
+                                   tuple(p.shape), tuple(p.to_local().shape), p.requires_grad)
+                               for n, p in net.named_parameters()}
+    res["fsdp2_losses"] = _train(net, batches, rows)
+    res["fsdp2_state"] = _state(net)
 
-        # --- FSDP1 ---------------------------------------------------------------------------------
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    big = _minilm_shaped_model()
+    res["mem_full"] = _bytes(big.parameters(), local=False)
+    for m in big:
+        fully_shard(m, mesh=mesh)
+    fully_shard(big, mesh=mesh)
+    res["mem_rank"] = _bytes(big.parameters(), local=True)
+    x = torch.randn(3, 7, 384)
+    loss = big(x).square().mean()
+    loss.backward()  # a step on the sharded MiniLM-shaped layers: gradients are sharded too
+    res["mem_grad_rank"] = sum(p.grad.to_local().numel() * 4 for p in big.parameters() if p.requires_grad)
 
-        try:
-            FSDP(_small_model(), use_orig_params=False, device_id=torch.device("cpu"))
-            res["fsdp1_flat_error"] = None
-        except Exception as exc:  # expected: mixed requires_grad in one FlatParameter
-            res["fsdp1_flat_error"] = f"{type(exc).__name__}: {exc}"
-        net1 = FSDP(_small_model(), use_orig_params=True, device_id=torch.device("cpu"))
-        res["fsdp1_losses"] = _train(net1, batches, rows)
-        with FSDP.summon_full_params(net1):
-            res["fsdp1_state"] = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
-                                  for n, p in net1.named_parameters()}
-        dist.barrier()
-    except BaseException as exc:  # report, then let spawn see the failure
-        import traceback
+    # --- FSDP1 ---------------------------------------------------------------------------------
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        res["error"] = traceback.format_exc()
-        torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
-        raise
-    finally:
-        if "error" not in res:
-            torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    try:
+        FSDP(_small_model(), use_orig_params=False, device_id=torch.device("cpu"))
+        res["fsdp1_flat_error"] = None
+    except Exception as exc:  # expected: mixed requires_grad in one FlatParameter
+        res["fsdp1_flat_error"] = f"{type(exc).__name__}: {exc}"
+    net1 = FSDP(_small_model(), use_orig_params=True, device_id=torch.device("cpu"))
+    res["fsdp1_losses"] = _train(net1, batches, rows)
+    with FSDP.summon_full_params(net1):
+        res["fsdp1_state"] = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
+                              for n, p in net1.named_parameters()}
+    return res
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    import torch.multiprocessing as mp
-
-    outdir = tmp_path_factory.mktemp("dist")
-    try:
-        mp.spawn(_worker, args=(WORLD, free_port(), str(outdir)), nprocs=WORLD, join=True)
-    except Exception as exc:
-        msgs = [torch.load(outdir / f"rank{r}.pt").get("error", "") for r in range(WORLD)
-                if (outdir / f"rank{r}.pt").exists()]
-        pytest.fail(f"distributed workers failed: {exc}\n" + "\n".join(msgs))
-    return [torch.load(outdir / f"rank{r}.pt") for r in range(WORLD)]
+    return run_distributed(_worker, WORLD, tmp_path_factory.mktemp("dist"))
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ turns such differences into different codes (NF4 is not symmetric about 0).
 """
 from __future__ import annotations
 
-import datetime
 import os
 import sys
 
@@ -29,7 +28,7 @@ import cersa_kernels
 from cersa_kernels import CersaLinear
 from cersa_kernels.quant import QuantizedMatrix
 
-from helpers import free_port
+from helpers import param_bytes as _bytes, run_distributed
 
 WORLD = 2
 STEPS = 3
@@ -116,84 +115,53 @@ def _state(net) -> dict:
     return {n: _full(p) for n, p in _named(net)}
 
 
-def _bytes(params, local: bool) -> dict:
-    out = {"frozen": 0, "trainable": 0}
-    for p in params:
-        t = p.to_local() if local and hasattr(p, "to_local") else p
-        out["trainable" if p.requires_grad else "frozen"] += t.numel() * t.element_size()
-    return out
-
-
-def _worker(rank: int, world: int, port: int, outdir: str) -> None:
-    import torch.distributed as dist
+def _worker(rank: int, world: int, outdir: str) -> dict:
+    """One rank's DDP and FSDP2 runs of every format (in a gloo process group: helpers.run_distributed)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=180))
     res: dict = {}
     rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     batches = _batches()
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        for label, opts in FORMATS:
-            init = torch.load(_init_path(outdir, label))
-            # --- DDP -----------------------------------------------------------------------------
-            ddp = DDP(_small_model(opts, init), find_unused_parameters=False)
-            res[f"{label}/ddp"] = _train(ddp, batches, rows) + (_state(ddp),)
+    mesh = init_device_mesh("cpu", (world,))
+    for label, opts in FORMATS:
+        init = torch.load(_init_path(outdir, label))
+        # --- DDP -----------------------------------------------------------------------------
+        ddp = DDP(_small_model(opts, init), find_unused_parameters=False)
+        res[f"{label}/ddp"] = _train(ddp, batches, rows) + (_state(ddp),)
 
-            # --- FSDP2: every CERSA layer its own group, then the root ----------------------------
-            net = _small_model(opts, init)
-            for m in net:
-                if isinstance(m, CersaLinear):
-                    fully_shard(m, mesh=mesh)
-            fully_shard(net, mesh=mesh)
-            res[f"{label}/fsdp2_placements"] = {
-                n: (type(p).__name__, str(getattr(p, "placements", None)), tuple(p.shape),
-                    tuple(p.to_local().shape), p.dtype, p.requires_grad) for n, p in net.named_parameters()}
-            res[f"{label}/fsdp2"] = _train(net, batches, rows) + (_state(net),)
-
-            # --- FSDP2 on MiniLM-shaped quantized layers: what each rank holds -------------------
-            big = _minilm_shaped_model(opts)
-            res[f"{label}/mem_full"] = _bytes(big.parameters(), local=False)
-            for m in big:
+        # --- FSDP2: every CERSA layer its own group, then the root ----------------------------
+        net = _small_model(opts, init)
+        for m in net:
+            if isinstance(m, CersaLinear):
                 fully_shard(m, mesh=mesh)
-            fully_shard(big, mesh=mesh)
-            res[f"{label}/mem_rank"] = _bytes(big.parameters(), local=True)
-            big(torch.randn(3, 7, 384)).square().mean().backward()
-            res[f"{label}/mem_grad_rank"] = sum(p.grad.to_local().numel() * 4 for p in big.parameters()
-                                                if p.requires_grad)
-        dist.barrier()
-    except BaseException:  # report, then let spawn see the failure
-        import traceback
+        fully_shard(net, mesh=mesh)
+        res[f"{label}/fsdp2_placements"] = {
+            n: (type(p).__name__, str(getattr(p, "placements", None)), tuple(p.shape),
+                tuple(p.to_local().shape), p.dtype, p.requires_grad) for n, p in net.named_parameters()}
+        res[f"{label}/fsdp2"] = _train(net, batches, rows) + (_state(net),)
 
-        res["error"] = traceback.format_exc()
-        torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
-        raise
-    finally:
-        if "error" not in res:
-            torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+        # --- FSDP2 on MiniLM-shaped quantized layers: what each rank holds -------------------
+        big = _minilm_shaped_model(opts)
+        res[f"{label}/mem_full"] = _bytes(big.parameters(), local=False)
+        for m in big:
+            fully_shard(m, mesh=mesh)
+        fully_shard(big, mesh=mesh)
+        res[f"{label}/mem_rank"] = _bytes(big.parameters(), local=True)
+        big(torch.randn(3, 7, 384)).square().mean().backward()
+        res[f"{label}/mem_grad_rank"] = sum(p.grad.to_local().numel() * 4 for p in big.parameters()
+                                            if p.requires_grad)
+    return res
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """(folder of the initial models, [each rank's results])."""
-    import torch.multiprocessing as mp
-
     outdir = tmp_path_factory.mktemp("qdist")
     for label, opts in FORMATS:  # converted once: every rank and the reference load the same model
         torch.save(_small_model(opts).state_dict(), _init_path(outdir, label))
-    try:
-        mp.spawn(_worker, args=(WORLD, free_port(), str(outdir)), nprocs=WORLD, join=True)
-    except Exception as exc:
-        msgs = [torch.load(outdir / f"rank{r}.pt").get("error", "") for r in range(WORLD)
-                if (outdir / f"rank{r}.pt").exists()]
-        pytest.fail(f"distributed workers failed: {exc}\n" + "\n".join(msgs))
-    return outdir, [torch.load(outdir / f"rank{r}.pt") for r in range(WORLD)]
+    return outdir, run_distributed(_worker, WORLD, outdir)
 
 
 def _reference(outdir, label: str):
