@@ -20,7 +20,9 @@ nf4 with double quantization; cersa_kernels/quant.py) at the MiniLM shapes (384x
 and every gradient (x, S, A, B, bias; the codes are frozen, so no dU / dVh: "-") against the float64
 reference computed from the decoded factors (``QuantizedMatrix.dequantize(torch.float64)``, what
 ``CersaLinear.dequantized_factors`` returns), same bounds.  "fused" after the backend: its
-quantized kernels run (cuda: the panel-decode schedule); otherwise the call decodes each factor.
+quantized kernels run (cuda: the panel-decode schedule; triton: ``cersa_kernels::triton_forward_q`` /
+``triton_backward_q``, the codes decoded in the kernels' tile loads), checked on each row (a row
+whose forward or backward did not dispatch them is an ERROR); otherwise the call decodes each factor.
 
 Part 2 (timing, bf16): forward, backward and forward+backward medians (triton.testing.do_bench,
 CUDA events) of
@@ -204,6 +206,24 @@ def _fused(name, device):
     return probe is not None and bool(probe(device))
 
 
+def _quantized_ops_run(torch, fn):
+    """Run fn() under a TorchDispatchMode; the names of the quantized-factor kernel ops
+    (``*_forward_q`` / ``*_backward_q``) it dispatched."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = set()
+
+    class _Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "_forward_q" in str(func) or "_backward_q" in str(func):
+                seen.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with _Log():
+        fn()
+    return seen
+
+
 def quantized_correctness(torch, cersa_linear, backends, device, small=False):
     from cersa_kernels.quant import QuantizedMatrix
 
@@ -248,8 +268,17 @@ def quantized_correctness(torch, cersa_linear, backends, device, small=False):
                         try:
                             leaves = [t.clone().requires_grad_(True) for t in (x, S, A, B, bias)]
                             xl, Sl, Al, Bl, bl = leaves
-                            y = cersa_linear(xl, Uq, Sl, Vhq, Al, Bl, bl, scale=2.0, backend=be)
-                            y.backward(dy)
+                            out = []
+
+                            def call():
+                                out.append(cersa_linear(xl, Uq, Sl, Vhq, Al, Bl, bl, scale=2.0, backend=be))
+                                out[0].backward(dy)
+
+                            ran = _quantized_ops_run(torch, call)
+                            if _fused(be, device) and not (any("forward_q" in n for n in ran)
+                                                           and any("backward_q" in n for n in ran)):
+                                raise RuntimeError(f"the quantized kernels did not run (dispatched: {sorted(ran)})")
+                            y = out[0]
                             got = [y.detach()] + [t.grad for t in leaves]
                             errs = [_rel(g, w) for g, w in zip(got, want)]
                             e = dict(zip(("y", "dx", "dS", "dA", "dB", "dbias"), errs))

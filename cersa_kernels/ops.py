@@ -93,7 +93,8 @@ class _QuantizedFactorsFunction(torch.autograd.Function):
     ``fused`` (both factors quantized in one format, and the backend has quantized kernels for the
     device, ``has_quantized_kernels``): the codes and scales go to the backend's
     ``forward_quantized`` / ``backward_quantized``, whose kernels decode panels of the factors (a
-    buffer of bounded size) inside their schedule and never form a dense factor tensor.  Otherwise each quantized factor is
+    buffer of bounded size; the Triton kernels decode each tile as they load it) inside their
+    schedule and never form a dense factor tensor.  Otherwise each quantized factor is
     dequantized for the call, in forward and again in backward (a transient tensor, never saved),
     and the backend's dense forward / backward run on it.  ``u_spec`` / ``vh_spec``: None for a
     dense factor, else (shape, quant_type, block_size) of its codes and float32 block scales."""
@@ -182,7 +183,8 @@ def cersa_linear(x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, A: Tensor | None =
     U and Vh may also be ``cersa_kernels.quant.QuantizedMatrix`` (int8 / NF4 codes with block
     scales, frozen): they are then decoded to the compute dtype inside the call, in forward and
     again in backward, and never saved: panel by panel inside the kernels when the backend has
-    quantized kernels for the device ("cpp", "cuda") and both factors share one format, else as a whole
+    quantized kernels for the device ("cpp" on the CPU, "cuda" and "triton" on CUDA tensors) and both
+    factors share one format (tiles decoded in the load path for "triton"), else as a whole
     factor for the call (docs/design.md "Quantized factors").
     r, k and the leading dimensions of x may be 0.  A and B are given together or not at all.
     dtypes: all tensors share x's floating dtype (float32, float16, bfloat16, float64).  Under

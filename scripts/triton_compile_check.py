@@ -2,10 +2,12 @@
 """Compile every kernel variant the Triton backend launches for CUDA targets, without a GPU.
 
     python scripts/triton_compile_check.py [--arch 90,80] [--dtype bf16,fp16,fp32]
-        [--shape N,n,m,r,k] [--smem 80=166912,90=232448] [--all-configs]
+        [--shape N,n,m,r,k] [--smem 80=166912,90=232448] [--quant int8,nf4] [--all-configs]
 
 The backend's eager forward and backward (``_forward_impl`` / ``_backward_impl`` of
-cersa_kernels.backends.triton) plan their launches on small CPU tensors and hand them to this
+cersa_kernels.backends.triton, and for each format of ``--quant`` the quantized-factor
+``_forward_q_impl`` / ``_backward_q_impl``, whose frozen operand is decoded from int8 / NF4 codes in
+the kernels' loads) plan their launches on small CPU tensors and hand them to this
 script instead of running them (their ``launch`` argument); each distinct launch is then compiled
 ahead of time (Triton -> PTX -> cubin with the ptxas bundled in the triton wheel) for each target
 architecture, with the argument specialisation Triton's launcher would use (integers equal to 1
@@ -27,10 +29,14 @@ import torch
 #: "Technical Specifications per Compute Capability": 163 KB on 8.0, 99 KB on 8.6/8.9, 227 KB on 9.0).
 DEFAULT_SMEM = "80=166912,86=101376,89=101376,90=232448"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
-POINTER_TYPES = {dt: name for name, dt in DTYPES.items()}
+POINTER_TYPES = {**{dt: name for name, dt in DTYPES.items()}, torch.int8: "i8", torch.uint8: "u8"}
 #: gradient sets whose backward passes together use every kernel: all gradients (seg_cols, seg_k,
 #: seg_rows) and dbias alone (colsum).
 NEEDS = ((True,) * 7, (False,) * 6 + (True,))
+#: the quantized-factor backward planned per format: every gradient it has (x, S, A, B, bias).
+QUANT_NEEDS = (True,) * 5
+#: block size of the planned quantized factors (the default of cersa_kernels.quant).
+QUANT_BLOCK = 64
 
 
 def _pairs(text: str, what: str) -> dict[int, int]:
@@ -45,10 +51,13 @@ def _pairs(text: str, what: str) -> dict[int, int]:
     return out
 
 
-def plan(dtype: torch.dtype, shape: tuple[int, int, int, int, int]) -> list:
+def plan(dtype: torch.dtype, shape: tuple[int, int, int, int, int], quant: tuple[str, ...] = ()) -> list:
     """The distinct launches (kernels.Launch) of forward (save_xv) plus the backward passes of
-    :data:`NEEDS` of the backend on random CPU tensors of ``dtype`` and shape (N, n, m, r, k)."""
+    :data:`NEEDS` of the backend on random CPU tensors of ``dtype`` and shape (N, n, m, r, k), and
+    for each format in ``quant`` ("int8", "nf4") the quantized-factor forward (save_xv) and backward
+    (:data:`QUANT_NEEDS`) with U and Vh quantized in blocks of :data:`QUANT_BLOCK`."""
     import cersa_kernels.backends.triton as tb
+    from cersa_kernels.quant import QuantizedMatrix
 
     launches: list = []
     N, n, m, r, k = shape
@@ -61,6 +70,12 @@ def plan(dtype: torch.dtype, shape: tuple[int, int, int, int, int]) -> list:
     y, h_k, xv = tb._forward_impl(x, U, S, Vh, A, B, bias, 2.0, True, launch=launches.append)
     for needs in NEEDS:
         tb._backward_impl(dy, x, h_k, xv, U, S, Vh, A, B, 2.0, needs, launch=launches.append)
+    for quant_type in quant:
+        Uq, Vhq = (QuantizedMatrix.quantize(F.float(), quant_type, QUANT_BLOCK) for F in (U, Vh))
+        codes = (Uq.codes, Uq.scales(), S, Vhq.codes, Vhq.scales())
+        tb._forward_q_impl(x, *codes, A, B, bias, m, n, quant_type, QUANT_BLOCK, 2.0, True, launch=launches.append)
+        tb._backward_q_impl(dy, x, h_k, xv, *codes, A, B, m, n, quant_type, QUANT_BLOCK, 2.0, QUANT_NEEDS,
+                            launch=launches.append)
     distinct = {}
     for launch in launches:
         distinct.setdefault(repr((launch.name, _signature(launch), launch.constexprs)), launch)
@@ -114,6 +129,9 @@ def parse_args(argv=None):
     p.add_argument("--shape", default="4096,768,3072,384,16", help="N,n,m,r,k of the planned call")
     p.add_argument("--smem", default=DEFAULT_SMEM,
                    help=f"opt-in shared memory per block in bytes by arch, ARCH=BYTES,... (default {DEFAULT_SMEM})")
+    p.add_argument("--quant", default="int8,nf4",
+                   help="quantized-factor formats whose kernel variants are compiled too: int8,nf4 (default), "
+                        "or none")
     p.add_argument("--all-configs", action="store_true",
                    help="every configuration the autotuner would try (default: the one taken without autotuning)")
     args = p.parse_args(argv)
@@ -129,6 +147,10 @@ def parse_args(argv=None):
         if a not in args.smem:
             p.error(f"--arch {a}: no shared memory limit for it in --smem ({sorted(args.smem)}); add {a}=BYTES")
     args.dtype = args.dtype.split(",")
+    args.quant = () if args.quant == "none" else tuple(args.quant.split(","))
+    for q in args.quant:
+        if q not in ("int8", "nf4"):
+            p.error(f"--quant: expected some of int8, nf4, or none, got {q!r}")
     for d in args.dtype:
         if d not in DTYPES:
             p.error(f"--dtype: expected some of {sorted(DTYPES)}, got {d!r}")
@@ -146,7 +168,7 @@ def main(argv=None) -> int:
     failures = 0
     t0 = time.time()
     for dname in args.dtype:
-        launches = plan(DTYPES[dname], args.shape)
+        launches = plan(DTYPES[dname], args.shape, args.quant)
         for arch in args.arch:
             smem = args.smem[arch]
             limits = K.Limits(smem_per_block=smem, major=arch // 10)
@@ -157,8 +179,9 @@ def main(argv=None) -> int:
                     configs = K.select_configs(K.GPU_CONFIGS, launch.named_args, limits, autotune=args.all_configs)
                 for cfg in configs:
                     c = {**launch.constexprs, **cfg.kwargs}
-                    tag = (f"sm_{arch} {dname} {launch.name:<8} BM{c['BM']} BN{c['BN']} BK{c.get('BK', '-')} "
-                           f"w{cfg.num_warps} s{cfg.num_stages} "
+                    quant = {1: " int8", 2: " nf4"}.get(launch.constexprs.get("QUANT"), "")
+                    tag = (f"sm_{arch} {dname} {launch.name:<8}{quant} BM{c['BM']} BN{c['BN']} "
+                           f"BK{c.get('BK', '-')} w{cfg.num_warps} s{cfg.num_stages} "
                            + ",".join(k for k, v in launch.constexprs.items() if v is True))
                     try:
                         shared = compile_launch(launch, cfg, arch)

@@ -20,6 +20,16 @@ backward 3 dVh = g_r^T x, dA = g_k^T x                                 ``_seg_ro
 backward 4 dU = dy^T (xv S), dB = dy^T h_k, dbias = sum_rows(dy)       ``_seg_cols``
 =========  ==========================================================  ==================
 
+Quantized frozen factors (docs/design.md "Quantized factors"): ``has_quantized_kernels``,
+``forward_quantized`` and ``backward_quantized`` (the optional contract of
+:mod:`cersa_kernels.backends`), registered as ``cersa_kernels::triton_forward_q`` /
+``triton_backward_q`` with the catalogue's fakes, run the same launches with U and Vh given as the
+int8 / NF4 codes and float32 block scales of ``cersa_kernels.quant.QuantizedMatrix``: the frozen
+operand of forward 1 / 2 (Vh^T, U^T) and backward 1 / 2 (U, Vh) is decoded tile by tile in the
+kernels' loads (:class:`kernels.QuantOperand`), to exactly the numbers of
+``QuantizedMatrix.dequantize(x.dtype)``; no decoded factor is ever stored.  Backward 3 and 4 run
+only for dA, dB and dbias (the codes are frozen: no dU, dVh).
+
 Dtypes: fp32, bf16, fp16 (fp32 accumulation), fp64 (fp64 accumulation, for gradcheck).  TF32 for
 fp32 inputs follows ``torch.backends.cuda.matmul.allow_tf32`` unless overridden with
 :func:`set_allow_tf32`.  Intermediates h_r, h_k, g_r, g_k are stored in the input dtype, like the
@@ -37,11 +47,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ...quant import nf4_levels
 from .. import _catalogue
 from . import kernels as _k
 from .kernels import INTERPRETED  # noqa: F401  (re-exported)
 
-__all__ = ["is_available", "forward", "backward", "Settings", "settings", "set_allow_tf32", "tf32_enabled",
+__all__ = ["is_available", "forward", "backward", "has_quantized_kernels", "forward_quantized",
+           "backward_quantized", "Settings", "settings", "set_allow_tf32", "tf32_enabled",
            "set_autotune", "autotune_enabled", "INTERPRETED"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -151,7 +163,8 @@ def _launcher(x: Tensor, launch: Launcher | None) -> Callable[[_k.Launch | None]
 
 def _forward_impl(x, U, S, Vh, A, B, bias, scale, save_xv, *, launch: Launcher | None = None):
     """(y, h_k, xv) of the custom op ``triton_forward``; at most two launches (see the kernel plan
-    above), none when N = 0.  launch: see :func:`_launcher` (default: run them)."""
+    above), none when N = 0.  U and Vh: tensors, or :class:`kernels.QuantOperand` (the custom op
+    ``triton_forward_q``).  launch: see :func:`_launcher` (default: run them)."""
     S = S.contiguous()  # the kernels read S (r numbers) with unit stride
     emit = _launcher(x, launch)
     tf32 = tf32_enabled()
@@ -166,7 +179,7 @@ def _forward_impl(x, U, S, Vh, A, B, bias, scale, save_xv, *, launch: Launcher |
         return y, h_k, xv
     h_r = torch.empty((N, r), device=dev, dtype=dt)
     # launch 1: [h_r | h_k] = x [Vh^T * S | s A^T]  (Vh^T and A^T are stride views, no copies)
-    A_t = A.t() if A is not None else Vh.t()[:, :0]
+    A_t = A.t() if A is not None else x.t()[:, :0]
     emit(_k.seg_cols(x, Vh.t(), A_t, h_r, h_k, S1=S, alpha2=float(scale),
                      raw_out=xv if save_xv else None, tf32=tf32))
     # launch 2: y = h_r U^T + h_k B^T + bias
@@ -180,7 +193,8 @@ def _forward_impl(x, U, S, Vh, A, B, bias, scale, save_xv, *, launch: Launcher |
 def _backward_impl(dy, x, h_k, xv, U, S, Vh, A, B, scale, needs, *, launch: Launcher | None = None):
     """(dx, dU, dS, dVh, dA, dB, dbias) of the custom op ``triton_backward`` (empty (0,) tensors
     where not needed); at most four launches (see the kernel plan above), none when N = 0.
-    launch: see :func:`_launcher` (default: run them)."""
+    U and Vh: tensors, or :class:`kernels.QuantOperand` when dU and dVh are not needed (the custom
+    op ``triton_backward_q``).  launch: see :func:`_launcher` (default: run them)."""
     S = S.contiguous()  # the kernels read S (r numbers) with unit stride
     emit = _launcher(dy, launch)
     tf32 = tf32_enabled()
@@ -208,7 +222,7 @@ def _backward_impl(dy, x, h_k, xv, U, S, Vh, A, B, scale, needs, *, launch: Laun
     dS_acc = torch.zeros(r, device=dev, dtype=acc_dt) if need_S else None
     # launch 1: g_r = (dy U) * S, g_k = s dy B, dS += sum_rows(xv * dy U)
     if g_r.shape[1] + g_k.shape[1] > 0:
-        emit(_k.seg_cols(dy, U[:, :g_r.shape[1]], (B if need_gk else U[:, :0]), g_r, g_k,
+        emit(_k.seg_cols(dy, _k.first_cols(U, g_r.shape[1]), (B if need_gk else dy.t()[:, :0]), g_r, g_k,
                          S1=S, alpha2=float(scale),
                          red=dS_acc, aux=(xv if need_S else None), tf32=tf32))
     if need_x:
@@ -222,7 +236,7 @@ def _backward_impl(dy, x, h_k, xv, U, S, Vh, A, B, scale, needs, *, launch: Laun
         dS = dS_acc.to(S.dtype)
     if need_Vh or need_A:
         # launch 3: [dVh; dA] = [g_r^T; g_k^T] x, both written row-major
-        dVh_ = torch.empty((r if need_Vh else 0, n), device=dev, dtype=Vh.dtype)
+        dVh_ = torch.empty((r if need_Vh else 0, n), device=dev, dtype=dt)
         dA_ = torch.empty((k if need_A else 0, n), device=dev, dtype=dt)
         if N == 0:
             dVh_.zero_()
@@ -235,7 +249,7 @@ def _backward_impl(dy, x, h_k, xv, U, S, Vh, A, B, scale, needs, *, launch: Laun
         if need_A:
             dA = dA_
     if need_U or need_B or need_bias:
-        dU_ = torch.empty((m, r if need_U else 0), device=dev, dtype=U.dtype)
+        dU_ = torch.empty((m, r if need_U else 0), device=dev, dtype=dt)
         dB_ = torch.empty((m, k if need_B else 0), device=dev, dtype=dt)
         db_acc = torch.empty(m, device=dev, dtype=acc_dt) if need_bias else None
         if N == 0:
@@ -258,6 +272,96 @@ def _backward_impl(dy, x, h_k, xv, U, S, Vh, A, B, scale, needs, *, launch: Laun
         if need_bias:
             dbias = db_acc.to(dt)
     return dx, dU, dS, dVh, dA, dB, dbias
+
+
+def _nf4_table(device: torch.device) -> Tensor:
+    """The 16 float32 NF4 levels (``cersa_kernels.quant.nf4_levels``) on ``device``, made once per
+    device (no host-to-device copy per call)."""
+    table = _NF4_TABLES.get(device)
+    if table is None:
+        table = _NF4_TABLES[device] = nf4_levels(torch.float32, device)
+    return table
+
+
+_NF4_TABLES: dict[torch.device, Tensor] = {}
+
+
+def _quant_factor(name: str, codes, scales, rows: int, cols: int, quant_type: str, block_size: int,
+                  device: torch.device) -> _k.QuantOperand:
+    """The (rows, cols) factor ``name`` ("U" or "Vh") as a :class:`kernels.QuantOperand`, after
+    checking its codes and scales (formats: ``cersa_kernels.backends``, "forward_quantized").
+    Raises TypeError / ValueError naming the argument, the expected and the received value."""
+    numel = rows * cols
+    want_dt, want_n = (torch.int8, numel) if quant_type == "int8" else (torch.uint8, -(-numel // 2))
+    for arg, t, dt, n in ((f"{name}_codes", codes, want_dt, want_n),
+                          (f"{name}_scales", scales, torch.float32, -(-numel // block_size))):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"cersa_linear(backend='triton'): {arg}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != dt or tuple(t.shape) != (n,):
+            raise ValueError(f"cersa_linear(backend='triton'): {arg}: expected a {dt} tensor of shape ({n},) for "
+                             f"a {quant_type} ({rows}, {cols}) factor in blocks of {block_size}, got {t.dtype} "
+                             f"{tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"cersa_linear(backend='triton'): {arg}: expected device {device} (x's device), "
+                             f"got {t.device}")
+    levels = _nf4_table(device) if quant_type == "nf4" else scales
+    return _k.QuantOperand.factor(codes.contiguous(), scales.contiguous(), levels, rows, cols, quant_type,
+                                  block_size)
+
+
+def _check_rows(name: str, t, width: int, what: str) -> None:
+    if t is not None and (t.dim() != 2 or t.shape[1] != width):
+        raise ValueError(f"cersa_linear(backend='triton'): {name}: expected shape (N, {what} = {width}), "
+                         f"got {tuple(t.shape)}")
+
+
+def _quant_factors(x, U_codes, U_scales, S, Vh_codes, Vh_scales, m, n, quant_type, block_size):
+    """(U (m, r), Vh (r, n)) as :class:`kernels.QuantOperand` with r = S.shape[0]; ValueError for
+    an unknown quant_type or a block_size that is not a power of two >= 2, and see _quant_factor."""
+    if m < 0 or n < 0:
+        raise ValueError(f"cersa_linear(backend='triton'): out_features, in_features: expected sizes >= 0, "
+                         f"got ({m}, {n})")
+    if quant_type not in ("int8", "nf4"):
+        raise ValueError(f"cersa_linear(backend='triton'): quant_type: expected 'int8' or 'nf4', got {quant_type!r}")
+    if block_size < 2 or block_size & (block_size - 1):
+        raise ValueError(f"cersa_linear(backend='triton'): block_size: expected a power of two >= 2, "
+                         f"got {block_size}")
+    r = S.shape[0]
+    return (_quant_factor("U", U_codes, U_scales, m, r, quant_type, block_size, x.device),
+            _quant_factor("Vh", Vh_codes, Vh_scales, r, n, quant_type, block_size, x.device))
+
+
+def _forward_q_impl(x, U_codes, U_scales, S, Vh_codes, Vh_scales, A, B, bias, out_features, in_features,
+                    quant_type, block_size, scale, save_xv, *, launch: Launcher | None = None):
+    """(y, h_k, xv) of the custom op ``triton_forward_q``: the launches of ``triton_forward`` with
+    Vh^T (launch 1) and U^T (launch 2) decoded from their codes in the kernels' tile loads."""
+    _check_rows("x", x, in_features, "in_features")
+    U, Vh = _quant_factors(x, U_codes, U_scales, S, Vh_codes, Vh_scales, out_features, in_features,
+                           quant_type, block_size)
+    return _forward_impl(x, U, S, Vh, A, B, bias, scale, save_xv, launch=launch)
+
+
+def _backward_q_impl(dy, x, h_k, xv, U_codes, U_scales, S, Vh_codes, Vh_scales, A, B, out_features,
+                     in_features, quant_type, block_size, scale, needs, *, launch: Launcher | None = None):
+    """(dx, dS, dA, dB, dbias) of the custom op ``triton_backward_q`` (needs: 5 flags for x, S, A,
+    B, bias): launches 1 and 2 of ``triton_backward`` with U and Vh decoded from their codes in the
+    kernels' tile loads; launches 3 and 4 only for dA, dB, dbias (no dU / dVh: frozen)."""
+    _check_rows("dy", dy, out_features, "out_features")
+    _check_rows("x", x, in_features, "in_features")
+    U, Vh = _quant_factors(dy, U_codes, U_scales, S, Vh_codes, Vh_scales, out_features, in_features,
+                           quant_type, block_size)
+    need_x, need_S, need_A, need_B, need_bias = _catalogue.effective_needs_q(needs, A is not None)
+    dx, _, dS, _, dA, dB, dbias = _backward_impl(dy, x, h_k, xv, U, S, Vh, A, B, scale,
+                                                 (need_x, False, need_S, False, need_A, need_B, need_bias),
+                                                 launch=launch)
+    return dx, dS, dA, dB, dbias
+
+
+@torch.compiler.assume_constant_result
+def has_quantized_kernels(device_type: str) -> bool:
+    """Whether ``forward_quantized`` / ``backward_quantized`` run on ``device_type`` tensors: where
+    the backend runs (:func:`is_available`)."""
+    return is_available(device_type)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,8 +388,36 @@ def _backward_op(dy: Tensor, x: Tensor | None, h_k: Tensor | None, xv: Tensor | 
 
 _backward_op.register_fake(_catalogue.backward_fake)
 
+@torch.library.custom_op("cersa_kernels::triton_forward_q", mutates_args=())
+def _forward_q_op(x: Tensor, U_codes: Tensor, U_scales: Tensor, S: Tensor, Vh_codes: Tensor, Vh_scales: Tensor,
+                  A: Tensor | None, B: Tensor | None, bias: Tensor | None, out_features: int, in_features: int,
+                  quant_type: str, block_size: int, scale: float,
+                  save_xv: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """triton_forward with U, Vh as int8 / NF4 codes and float32 block scales: (y, h_k, xv)."""
+    return _forward_q_impl(x, U_codes, U_scales, S, Vh_codes, Vh_scales, A, B, bias, out_features, in_features,
+                           quant_type, block_size, scale, save_xv)
+
+
+_forward_q_op.register_fake(_catalogue.forward_q_fake)
+
+
+@torch.library.custom_op("cersa_kernels::triton_backward_q", mutates_args=())
+def _backward_q_op(dy: Tensor, x: Tensor | None, h_k: Tensor | None, xv: Tensor | None, U_codes: Tensor,
+                   U_scales: Tensor, S: Tensor, Vh_codes: Tensor, Vh_scales: Tensor, A: Tensor | None,
+                   B: Tensor | None, out_features: int, in_features: int, quant_type: str, block_size: int,
+                   scale: float, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dS, dA, dB, dbias) with frozen quantized U, Vh; an empty (0,) tensor where not needed."""
+    return _backward_q_impl(dy, x, h_k, xv, U_codes, U_scales, S, Vh_codes, Vh_scales, A, B, out_features,
+                            in_features, quant_type, block_size, scale, tuple(needs))
+
+
+_backward_q_op.register_fake(_catalogue.backward_q_fake)
+
 # the backend contract (docs/design.md "Op catalogue"): at most two launches forward, four
 # backward; RuntimeError when the backend cannot run on x's device, TypeError for other dtypes,
 # ValueError when dU or dS is needed but xv was not saved.
 forward, backward = _catalogue.kernel_contract(torch.ops.cersa_kernels.triton_forward,
                                                torch.ops.cersa_kernels.triton_backward)
+# and its optional quantized-factor functions (docs/design.md "Quantized factors")
+forward_quantized, backward_quantized = _catalogue.quantized_contract(torch.ops.cersa_kernels.triton_forward_q,
+                                                                      torch.ops.cersa_kernels.triton_backward_q)

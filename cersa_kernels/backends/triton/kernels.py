@@ -20,6 +20,18 @@ concatenated ``[Vh; A]`` or ``[U | B]`` is ever built):
     Used for: up-projection ``y = h_r U^T + h_k B^T + bias`` and
     ``dx = g_r Vh + g_k A``.
 
+Quantized frozen factor (docs/design.md "Quantized factors"): in both kernels the operand Q1
+(Vh^T or U^T in the forward, U or Vh in the backward) may be given as a :class:`QuantOperand`,
+the int8 or packed NF4 codes and float32 block scales of a ``cersa_kernels.quant.QuantizedMatrix``
+(constexpr ``QUANT``: 0 none, 1 int8, 2 nf4).  Each (BK, BN) tile of Q1 is then decoded in the load
+of the K loop (:func:`_decode`): the flat row-major index of the factor's element, in 64 bits, is
+``i * s_q1k + j * s_q1n`` with the strides of the launch's view of the factor; its block is
+``flat >> Q_SHIFT`` (block_size = 2**Q_SHIFT); int8: ``div_rn(code, 127) * scale``; nf4:
+``levels[nibble] * scale`` with the nibble ``flat & 1`` of byte ``flat >> 1`` (low nibble first)
+and the 16 float32 levels read from a small tensor; the value is cast to the input dtype (rounded to
+nearest, ties to even) before ``tl.dot``.  The numbers are exactly those of
+``QuantizedMatrix.dequantize(x.dtype)``; no decoded factor exists outside the tiles in registers.
+
 Launches are planned, then run: :func:`seg_cols`, :func:`seg_k`, :func:`seg_rows` and
 :func:`colsum` return a :class:`Launch` (kernel, grid, arguments, constexprs) or None when the
 grid would be empty (zero rows launch nothing); :func:`run` executes one.  The backend
@@ -37,7 +49,7 @@ ragged edges.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import torch
@@ -79,9 +91,22 @@ SKINNY_CONFIGS = (
     _cfg(16, 128, 128, 4, 3),
     _cfg(32, 128, 64, 4, 4),
 )
-GPU_CONFIGS = HOPPER_CONFIGS + AMPERE_CONFIGS + SKINNY_CONFIGS
+#: extra configurations for launches whose operand Q1 is a quantized factor (only those: see
+#: select_configs): their pipelines also hold the codes and a gathered float32 scale (and NF4 level)
+#: per number of each Q1 tile, so the deep-pipelined large tiles above do not fit.
+QUANT_CONFIGS = (
+    _cfg(128, 128, 64, 8, 2),
+    _cfg(128, 64, 64, 4, 3),
+    _cfg(16, 64, 64, 4, 3),      # skinny
+)
+GPU_CONFIGS = HOPPER_CONFIGS + AMPERE_CONFIGS + SKINNY_CONFIGS + QUANT_CONFIGS
 _HOPPER_IDS = frozenset(id(c) for c in HOPPER_CONFIGS)
 _AMPERE_IDS = frozenset(id(c) for c in AMPERE_CONFIGS)
+_QUANT_IDS = frozenset(id(c) for c in QUANT_CONFIGS)
+#: bytes per number of a quantized Q1 tile in the pipeline, by code dtype: int8 code + float32
+#: scale; NF4 byte + scale + float32 level (upper bounds of what the sm_80 / sm_90 compiles allocate,
+#: scripts/triton_compile_check.py).
+_QUANT_TILE_BYTES = {torch.int8: 5, torch.uint8: 9}
 
 
 #: the one configuration used by the interpreter (small blocks so that the tests' odd sizes
@@ -114,13 +139,20 @@ def _elt_size(named_args) -> int:
     return 2
 
 
-def _smem(c, esize: int) -> int:
+def _quant_bytes(named_args) -> int | None:
+    """Bytes per number of the pipelined Q1 tile when Q1 is a quantized factor's codes, else None."""
+    q = named_args.get("Q1")
+    return _QUANT_TILE_BYTES.get(getattr(q, "dtype", None))
+
+
+def _smem(c, esize: int, qsize: int | None = None) -> int:
     """Shared memory of a configuration's software pipeline (bytes), as Triton allocates it for
-    one K loop: num_stages copies of the (BM, BK) and (BK, BN) operand tiles.  (Compiled for sm_90
+    one K loop: num_stages copies of the (BM, BK) and (BK, BN) operand tiles (``qsize`` bytes per
+    number of the (BK, BN) tile instead of ``esize`` when it is decoded from codes).  (Compiled for sm_90
     and sm_80, the kernels' two segment loops share these buffers; see
     scripts/triton_compile_check.py.)"""
     kw = c.kwargs
-    return c.num_stages * (kw["BM"] * kw["BK"] + kw["BK"] * kw["BN"]) * esize
+    return c.num_stages * (kw["BM"] * kw["BK"] * esize + kw["BK"] * kw["BN"] * (qsize or esize))
 
 
 def select_configs(configs, named_args: Mapping[str, Any], limits: Limits, *, autotune: bool) -> list:
@@ -130,9 +162,16 @@ def select_configs(configs, named_args: Mapping[str, Any], limits: Limits, *, au
     arguments by kernel parameter name (the tensors give the element size, M or M1 + M2 the rows).
     Keeps the configurations whose pipelined tiles fit in shared memory and whose BM is not far
     larger than M (skinny inputs); with ``autotune=False`` only the first one that fits even at
-    twice the estimate (no benchmarking: one compile per kernel variant).  Never empty."""
+    twice the estimate (no benchmarking: one compile per kernel variant).  :data:`QUANT_CONFIGS`
+    are candidates of the launches whose Q1 is a quantized factor's codes (then of either device
+    family, with the larger tiles counted by ``_smem``), and only of those.  Never empty."""
     smem_limit, major = limits.smem_per_block, limits.major
+    qsize = _quant_bytes(named_args)
     family = _HOPPER_IDS if major >= 9 else _AMPERE_IDS
+    if qsize is not None:
+        family = family | _QUANT_IDS
+    else:
+        configs = [c for c in configs if id(c) not in _QUANT_IDS]
     esize = _elt_size(named_args)
     if "M" in named_args:
         m = int(named_args["M"])
@@ -150,7 +189,7 @@ def select_configs(configs, named_args: Mapping[str, Any], limits: Limits, *, au
             continue  # Hopper, 16-bit: the BK = 32 tiles are for 4-byte inputs
         if kw["BM"] < 64 and kw["BM"] > mcap:
             continue  # skinny tiles: no taller than M rounded up
-        if _smem(c, esize) > smem_limit:
+        if _smem(c, esize, qsize) > smem_limit:
             continue
         if kw["BM"] > 2 * mcap:
             continue
@@ -163,7 +202,7 @@ def select_configs(configs, named_args: Mapping[str, Any], limits: Limits, *, au
         # no benchmarking: the first configuration that fits even if the compiler gives each of
         # the kernel's two K loops its own pipeline buffers (twice the estimate); skinny for small M.
         order = out if m > 256 else out[::-1]
-        safe = [c for c in order if 2 * _smem(c, esize) <= smem_limit]
+        safe = [c for c in order if _smem(c, esize, qsize) + _smem(c, esize) <= smem_limit]
         return (safe or order)[:1]
     return out
 
@@ -215,19 +254,53 @@ def _rne(v, FIX_BF16: tl.constexpr):
 
 
 @triton.jit
+def _decode(CODES, SCALES, LEVELS, idx, mask, QUANT: tl.constexpr, Q_SHIFT: tl.constexpr):
+    """The float32 values of the quantized factor at the flat row-major indices ``idx`` (int64),
+    0 where ``mask`` is false: int8 (QUANT 1) ``div_rn(code, 127) * scale``, nf4 (QUANT 2)
+    ``levels[nibble] * scale`` (nibble ``idx & 1`` of byte ``idx >> 1``, low nibble first), scale
+    = SCALES[idx >> Q_SHIFT].  The operations and roundings of ``cersa_kernels.quant.dequantize``
+    (an IEEE division: Triton's ``/`` on fp32 is an approximate one on GPUs)."""
+    sc = tl.load(SCALES + (idx >> Q_SHIFT), mask=mask, other=0.0)
+    if QUANT == 1:
+        code = tl.load(CODES + idx, mask=mask, other=0)
+        v = tl.math.div_rn(code.to(tl.float32), 127.0) * sc
+    else:
+        byte = tl.load(CODES + (idx >> 1), mask=mask, other=0).to(tl.int32)
+        nib = tl.where((idx & 1) == 1, byte >> 4, byte) & 15
+        v = tl.load(LEVELS + nib) * sc
+    return v
+
+
+@triton.jit
 def _dot_loop(acc, rs, P, Q, offs_m, offs_n, M, ncols, K, s_pm, s_pk, s_qk, s_qn,
               ROWSUM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-              BK: tl.constexpr):
-    """acc += P[offs_m, :K] @ Q[:K, offs_n]; rs += row sums of P when ROWSUM."""
+              BK: tl.constexpr, QS, QL, QUANT: tl.constexpr, Q_SHIFT: tl.constexpr,
+              FIX_BF16: tl.constexpr):
+    """acc += P[offs_m, :K] @ Q[:K, offs_n]; rs += row sums of P when ROWSUM.
+
+    QUANT 0: Q is a plain matrix with strides (s_qk, s_qn).  QUANT 1 / 2: Q points to the int8 /
+    packed NF4 codes of a quantized factor (scales QS, NF4 levels QL, blocks of 2**Q_SHIFT), whose
+    element Q[i, j] is the factor's flat element i * s_qk + j * s_qn; each tile is decoded
+    (:func:`_decode`) and cast to P's dtype (rounded to nearest even, also under the interpreter
+    when FIX_BF16) before the dot."""
     offs_k = tl.arange(0, BK)
     mask_m = offs_m < M
     mask_n = offs_n < ncols
     p_ptrs = P + offs_m.to(tl.int64)[:, None] * s_pm + offs_k[None, :] * s_pk
-    q_ptrs = Q + offs_k[:, None] * s_qk + offs_n.to(tl.int64)[None, :] * s_qn
+    if QUANT == 0:
+        q_ptrs = Q + offs_k[:, None] * s_qk + offs_n.to(tl.int64)[None, :] * s_qn
+    else:
+        q_idx = offs_k.to(tl.int64)[:, None] * s_qk + offs_n.to(tl.int64)[None, :] * s_qn
     for k0 in range(0, K, BK):
         kmask = offs_k < K - k0
         a = tl.load(p_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(q_ptrs, mask=kmask[:, None] & mask_n[None, :], other=0.0)
+        if QUANT == 0:
+            b = tl.load(q_ptrs, mask=kmask[:, None] & mask_n[None, :], other=0.0)
+            q_ptrs += BK * s_qk
+        else:
+            b = _decode(Q, QS, QL, q_idx, kmask[:, None] & mask_n[None, :], QUANT, Q_SHIFT)
+            b = _rne(b, FIX_BF16).to(a.dtype)
+            q_idx += BK * s_qk
         if ROWSUM:
             rs += tl.sum(a.to(acc.dtype), axis=1)
         if UPCAST:
@@ -235,13 +308,12 @@ def _dot_loop(acc, rs, P, Q, offs_m, offs_n, M, ncols, K, s_pm, s_pk, s_qk, s_qn
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
         p_ptrs += BK * s_pk
-        q_ptrs += BK * s_qk
     return acc, rs
 
 
 @triton.jit
 def _seg_cols_kernel(
-    P, Q1, Q2, C1, C2, XR, S1, AUX, RED, RS,
+    P, Q1, Q2, C1, C2, XR, S1, AUX, RED, RS, QS1, QL1,
     M, N1, N2, K,
     s_pm, s_pk, s_q1k, s_q1n, s_q2k, s_q2n,
     s_c1m, s_c1n, s_c2m, s_c2n, s_xrm, s_xrn, s_am, s_an,
@@ -249,12 +321,14 @@ def _seg_cols_kernel(
     HAS_S1: tl.constexpr, WRITE_RAW: tl.constexpr, HAS_RED: tl.constexpr, HAS_RS: tl.constexpr,
     HAS_ALPHA: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, FIX_BF16: tl.constexpr, NB2: tl.constexpr,
+    QUANT: tl.constexpr, Q_SHIFT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C1 = epi1(P @ Q1) (M, N1) and C2 = alpha2 * (P @ Q2) (M, N2) in one launch.
 
     Segment 1 is cut in BN-wide column tiles, segment 2 (the delta, k columns) in NB2-wide ones
-    (NB2 ~ k), so the narrow delta segment does not pay for a full BN-wide tile."""
+    (NB2 ~ k), so the narrow delta segment does not pay for a full BN-wide tile.  QUANT > 0: Q1
+    is a quantized factor's codes, with scales QS1 and NF4 levels QL1 (see :func:`_dot_loop`)."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
     t1 = tl.cdiv(N1, BN)
@@ -270,7 +344,7 @@ def _seg_cols_kernel(
         offs_n = pid_n * BN + tl.arange(0, BN)
         mask_n = offs_n < N1
         acc, rs = _dot_loop(acc, rs, P, Q1, offs_m, offs_n, M, N1, K, s_pm, s_pk, s_q1k, s_q1n,
-                            HAS_RS, UPCAST, PRECISION, BK)
+                            HAS_RS, UPCAST, PRECISION, BK, QS1, QL1, QUANT, Q_SHIFT, FIX_BF16)
         mask = mask_m[:, None] & mask_n[None, :]
         if WRITE_RAW:
             tl.store(XR + offs_m64[:, None] * s_xrm + offs_n[None, :] * s_xrn,
@@ -289,7 +363,7 @@ def _seg_cols_kernel(
         mask_n2 = offs_n2 < N2
         acc2 = tl.zeros((BM, NB2), dtype=ACC_DTYPE)
         acc2, rs = _dot_loop(acc2, rs, P, Q2, offs_m, offs_n2, M, N2, K, s_pm, s_pk, s_q2k, s_q2n,
-                             HAS_RS, UPCAST, PRECISION, BK)
+                             HAS_RS, UPCAST, PRECISION, BK, QS1, QL1, 0, 0, FIX_BF16)
         if HAS_ALPHA:
             acc2 = acc2 * alpha2
         tl.store(C2 + offs_m64[:, None] * s_c2m + offs_n2[None, :] * s_c2n,
@@ -302,15 +376,16 @@ def _seg_cols_kernel(
 
 @triton.jit
 def _seg_k_kernel(
-    P1, Q1, P2, Q2, C, BIAS,
+    P1, Q1, P2, Q2, C, BIAS, QS1, QL1,
     M, N, K1, K2,
     s_p1m, s_p1k, s_q1k, s_q1n, s_p2m, s_p2k, s_q2k, s_q2n, s_cm, s_cn,
     M_BUCKET,
     HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, FIX_BF16: tl.constexpr,
+    PRECISION: tl.constexpr, FIX_BF16: tl.constexpr, QUANT: tl.constexpr, Q_SHIFT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """C (M, N) = P1 @ Q1 + P2 @ Q2 (+ bias), both K segments in one accumulator."""
+    """C (M, N) = P1 @ Q1 + P2 @ Q2 (+ bias), both K segments in one accumulator.  QUANT > 0:
+    Q1 is a quantized factor's codes, with scales QS1 and NF4 levels QL1 (see :func:`_dot_loop`)."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
@@ -322,9 +397,9 @@ def _seg_k_kernel(
     acc = tl.zeros((BM, BN), dtype=ACC_DTYPE)
     rs = tl.zeros((BM,), dtype=ACC_DTYPE)
     acc, rs = _dot_loop(acc, rs, P1, Q1, offs_m, offs_n, M, N, K1, s_p1m, s_p1k, s_q1k, s_q1n,
-                        False, UPCAST, PRECISION, BK)
+                        False, UPCAST, PRECISION, BK, QS1, QL1, QUANT, Q_SHIFT, FIX_BF16)
     acc, rs = _dot_loop(acc, rs, P2, Q2, offs_m, offs_n, M, N, K2, s_p2m, s_p2k, s_q2k, s_q2n,
-                        False, UPCAST, PRECISION, BK)
+                        False, UPCAST, PRECISION, BK, QS1, QL1, 0, 0, FIX_BF16)
     if HAS_BIAS:
         b = tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)
         acc = acc + b[None, :]
@@ -376,7 +451,7 @@ def _seg_rows_kernel(
         row0 = (pid_m - t1) * BM
     offs_m = row0 + tl.arange(0, BM)
     acc, rs = _dot_loop(acc, rs, P, Q, offs_m, offs_n, rows, N, K, s_pm, s_pk, s_qk, s_qn,
-                        False, UPCAST, PRECISION, BK)
+                        False, UPCAST, PRECISION, BK, Q, Q, 0, 0, FIX_BF16)
     tl.store(C + offs_m.to(tl.int64)[:, None] * s_cm + offs_n[None, :] * s_cn,
              _rne(acc, FIX_BF16).to(C.dtype.element_ty), mask=(offs_m < rows)[:, None] & mask_n[None, :])
 
@@ -410,6 +485,61 @@ _seg_rows = _make_autotuned(_seg_rows_kernel, key=["M_BUCKET", "N", "K"])
 # launches: planned by seg_cols / seg_k / seg_rows / colsum (2-D tensors with arbitrary strides;
 # shapes checked by the caller), executed by run
 # ---------------------------------------------------------------------------------------------
+
+#: values of the constexpr QUANT of _seg_cols / _seg_k: how their operand Q1 is stored.
+QUANT_NONE, QUANT_INT8, QUANT_NF4 = 0, 1, 2
+_QUANT_CODES = {"int8": QUANT_INT8, "nf4": QUANT_NF4}
+
+
+@dataclass(frozen=True)
+class QuantOperand:
+    """A quantized frozen factor seen as the operand Q1 of :func:`seg_cols` / :func:`seg_k`.
+
+    codes: int8 (rows cols,) for "int8" or packed uint8 (ceil(rows cols / 2),) for "nf4", contiguous;
+    scales: float32 (ceil(rows cols / block_size),) (``QuantizedMatrix.scales()``); levels: the 16
+    float32 NF4 levels (any float32 tensor for int8: never read); quant: QUANT_INT8 / QUANT_NF4;
+    block_shift: log2(block_size).  shape and strides describe the operand as a view of the factor:
+    element [i, j] is the factor's flat row-major element i * strides[0] + j * strides[1] (the
+    factor itself has strides (cols, 1), its transpose (1, cols)).  Build one with :meth:`factor`."""
+    codes: torch.Tensor
+    scales: torch.Tensor
+    levels: torch.Tensor
+    quant: int
+    block_shift: int
+    shape: tuple[int, int]
+    strides: tuple[int, int]
+
+    @classmethod
+    def factor(cls, codes, scales, levels, rows: int, cols: int, quant_type: str,
+               block_size: int) -> "QuantOperand":
+        """The (rows, cols) factor itself, from its codes and scales (formats: the class doc;
+        checked by the caller).  quant_type "int8" or "nf4"; block_size a power of two."""
+        return cls(codes, scales, levels, _QUANT_CODES[quant_type], int(block_size).bit_length() - 1,
+                   (int(rows), int(cols)), (int(cols), 1))
+
+    def stride(self, dim: int) -> int:
+        return self.strides[dim]
+
+    def t(self) -> "QuantOperand":
+        """The transposed view (no data touched)."""
+        return replace(self, shape=self.shape[::-1], strides=self.strides[::-1])
+
+    def first_cols(self, j: int) -> "QuantOperand":
+        """The view of the first j columns."""
+        return replace(self, shape=(self.shape[0], int(j)))
+
+
+def first_cols(Q, j: int):
+    """The first j columns of a 2-D operand (a tensor view or a :class:`QuantOperand` view)."""
+    return Q.first_cols(j) if isinstance(Q, QuantOperand) else Q[:, :j]
+
+
+def _q1_args(Q1, dummy):
+    """(codes or Q1, scales, levels, constexprs) of operand Q1 of a launch."""
+    if isinstance(Q1, QuantOperand):
+        return Q1.codes, Q1.scales, Q1.levels, dict(QUANT=Q1.quant, Q_SHIFT=Q1.block_shift)
+    return Q1, dummy, dummy, dict(QUANT=QUANT_NONE, Q_SHIFT=0)
+
 
 @dataclass(frozen=True)
 class Launch:
@@ -499,6 +629,7 @@ def seg_cols(P, Q1, Q2, C1, C2, *, S1=None, alpha2=None, raw_out=None, red=None,
 
     P (M, K); Q1 (K, N1); Q2 (K, N2); C1 (M, N1); C2 (M, N2); any strides.  Segments of width 0
     are allowed (pass a (K, 0)/(M, 0) tensor).  tf32: fp32 inputs on TF32 tensor cores.
+    Q1 may be a :class:`QuantOperand` (decoded in the kernel's loads to P's dtype).
     Returns the launch, or None when its grid is empty (M = 0 or N1 + N2 = 0)."""
     M, K = P.shape
     N1, N2 = Q1.shape[1], Q2.shape[1]
@@ -511,13 +642,14 @@ def seg_cols(P, Q1, Q2, C1, C2, *, S1=None, alpha2=None, raw_out=None, red=None,
     au = aux if aux is not None else dummy
     rs = rowsum if rowsum is not None else red_t
     s1 = S1 if S1 is not None else dummy
+    q1, qs1, ql1, quant = _q1_args(Q1, dummy)
 
     nb2 = nb2_for(N2)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BM"]) * (triton.cdiv(N1, meta["BN"]) + triton.cdiv(N2, nb2)),)
 
-    args = (P, Q1, Q2, C1, C2, xr, s1, au, red_t, rs,
+    args = (P, q1, Q2, C1, C2, xr, s1, au, red_t, rs, qs1, ql1,
             M, N1, N2, K,
             P.stride(0), P.stride(1), Q1.stride(0), Q1.stride(1), Q2.stride(0), Q2.stride(1),
             C1.stride(0), C1.stride(1), C2.stride(0), C2.stride(1), xr.stride(0), xr.stride(1),
@@ -526,32 +658,34 @@ def seg_cols(P, Q1, Q2, C1, C2, *, S1=None, alpha2=None, raw_out=None, red=None,
     constexprs = dict(
         HAS_S1=S1 is not None, WRITE_RAW=raw_out is not None, HAS_RED=red is not None,
         HAS_RS=rowsum is not None, HAS_ALPHA=alpha2 is not None and alpha2 != 1.0,
-        ACC_DTYPE=acc, UPCAST=upcast, PRECISION=prec, FIX_BF16=_fix_bf16(dummy.dtype), NB2=nb2)
+        ACC_DTYPE=acc, UPCAST=upcast, PRECISION=prec, FIX_BF16=_fix_bf16(dummy.dtype), NB2=nb2, **quant)
     return Launch("seg_cols", _seg_cols_kernel, grid, args, constexprs, _seg_cols)
 
 
 def seg_k(P1, Q1, P2, Q2, C, bias=None, *, tf32: bool = False) -> Launch | None:
     """Plan C (M, N) = P1 @ Q1 + P2 @ Q2 (+ bias (N,)); P1 (M, K1), Q1 (K1, N), P2 (M, K2),
-    Q2 (K2, N); P2/Q2 may be None (K2 = 0).  Any strides.  tf32: fp32 inputs on TF32 tensor
-    cores.  Returns the launch, or None when its grid is empty (M = 0 or N = 0)."""
+    Q2 (K2, N); P2/Q2 may be None (K2 = 0).  Any strides.  Q1 may be a :class:`QuantOperand`
+    (decoded in the kernel's loads to P1's dtype).  tf32: fp32 inputs on TF32 tensor cores.
+    Returns the launch, or None when its grid is empty (M = 0 or N = 0)."""
     M, N = C.shape
     if M == 0 or N == 0:
         return None
     if P2 is None:
-        P2, Q2 = P1[:, :0], Q1[:0, :]
+        P2, Q2 = P1[:, :0], C[:0, :]
     acc, upcast, prec = _flags(P1.dtype, tf32)
     K1, K2 = P1.shape[1], P2.shape[1]
+    q1, qs1, ql1, quant = _q1_args(Q1, C)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
 
-    args = (P1, Q1, P2, Q2, C, bias.contiguous() if bias is not None else C,
+    args = (P1, q1, P2, Q2, C, bias.contiguous() if bias is not None else C, qs1, ql1,
             M, N, K1, K2,
             P1.stride(0), P1.stride(1), Q1.stride(0), Q1.stride(1),
             P2.stride(0), P2.stride(1), Q2.stride(0), Q2.stride(1), C.stride(0), C.stride(1),
             _bucket(M))
     constexprs = dict(HAS_BIAS=bias is not None, ACC_DTYPE=acc, UPCAST=upcast, PRECISION=prec,
-                      FIX_BF16=_fix_bf16(C.dtype))
+                      FIX_BF16=_fix_bf16(C.dtype), **quant)
     return Launch("seg_k", _seg_k_kernel, grid, args, constexprs, _seg_k)
 
 
