@@ -33,14 +33,19 @@ models one after the other; ``--parts`` picks the tables)::
 
     python bench/bench_convert_time.py [--model all|smollm2|minilm|vit] [--energy 0.93] [--repeat 3]
         [--threads 2] [--parts whole shapes solvers] [--solver-sample 4]
-        [--methods auto full gram old-default pissa pissa_niter_4]
+        [--methods auto auto-serial full gram old-default pissa pissa_niter_4]
 
 * ``whole``: the whole model, ``convert(model, energy)`` per method against PEFT's PiSSA of the
   same layers (the converted ones that PiSSA supports: every nn.Linear that convert converts, not
   the tied lm_head, not the Conv2d), medians of ``--repeat`` interleaved runs, with ``--threads``
-  torch threads (default 2).  "old-default" is ``convert(svd="auto")`` under the earlier "auto"
-  rule (randomized SVD whenever min(m, n) >= 512 and energy < 1, else full), reproduced by
-  substituting that rule for ``decompose.choose_svd`` for the run.
+  torch threads (default 2); each run takes the methods in its own seeded random order and
+  collects garbage before its timer starts.  convert's default svd_workers (= the torch threads) decomposes the
+  exact-rank layers ("full" / "gram") in that many worker threads ahead of building them;
+  "auto-serial" is ``convert(svd="auto", svd_workers=1)``, layer by layer, the same factors.
+  "old-default" is ``convert(svd="auto")`` under the earlier "auto" rule (randomized SVD whenever
+  min(m, n) >= 512 and energy < 1, else full), reproduced by substituting that rule for
+  ``decompose.choose_svd`` for the run (its randomized layers run one by one in the calling
+  thread, its full ones in the workers).
 * ``shapes``: the decompositions alone (``truncated_svd`` of every weight that convert decomposes),
   summed per weight shape, per method ("full", "gram", "auto"), with the real spectra's energy
   ranks (min / mean / max of r / min(m, n)) and auto's time over the fastest exact-rank method's;
@@ -60,6 +65,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import random
 import statistics
 import sys
 import time
@@ -370,22 +376,26 @@ def _print_ratios(request):
 def _time_once(label: str, model, energy: float) -> tuple[float, float]:
     """One whole-model run of ``label`` on a deep copy of ``model``: (wall seconds, CPU seconds of
     the process, all threads: on a loaded machine the wall time also counts the waits)."""
+    import gc
+
     import cersa_kernels.decompose as dec
     from cersa_kernels import convert
 
     work = copy.deepcopy(model)
+    gc.collect()  # the previous run's garbage is not charged to this one
     if label in PISSA_INITS:
         targets = pissa_targets(work)
         t0, c0 = time.perf_counter(), time.process_time()
         pissa_inject(work, label, targets)
         return time.perf_counter() - t0, time.process_time() - c0
-    svd = "auto" if label == "old-default" else label
+    svd = "auto" if label in ("old-default", "auto-serial") else label
+    workers = {"svd_workers": 1} if label == "auto-serial" else {}
     real = dec.choose_svd
     if label == "old-default":
         dec.choose_svd = old_auto_rule
     try:
         t0, c0 = time.perf_counter(), time.process_time()
-        convert(work, energy=energy, svd=svd, progress=False)
+        convert(work, energy=energy, svd=svd, progress=False, **workers)
         return time.perf_counter() - t0, time.process_time() - c0
     finally:
         dec.choose_svd = real
@@ -557,8 +567,10 @@ def main(argv=None) -> int:
                     choices=["whole", "shapes", "solvers"])
     ap.add_argument("--solver-sample", type=int, default=4,
                     help="real Gram matrices per size in the solvers part (default 4)")
-    ap.add_argument("--methods", nargs="+", default=["auto", "full", "gram", "old-default", "pissa", "pissa_niter_4"],
-                    choices=["auto", "full", "gram", "randomized", "old-default", "pissa", "pissa_niter_4"])
+    ap.add_argument("--methods", nargs="+",
+                    default=["auto", "auto-serial", "full", "gram", "old-default", "pissa", "pissa_niter_4"],
+                    choices=["auto", "auto-serial", "full", "gram", "randomized", "old-default", "pissa",
+                             "pissa_niter_4"])
     args = ap.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")  # before transformers imports tqdm: no GGUF progress bars
     if args.repeat < 1:
@@ -627,7 +639,12 @@ def _whole_model(model, args) -> None:
     times: dict = {m: [] for m in methods}
     cpu: dict = {m: [] for m in methods}
     for rep in range(args.repeat):
-        for label in methods:  # interleaved, so that a busy phase of the machine hits every method
+        # interleaved, so that a busy phase of the machine hits every method; each run in its own
+        # (seeded) random order: a method that always followed the same one (PEFT's PiSSA) ran
+        # 1.25x slower than the same code elsewhere in the order
+        order = list(methods)
+        random.Random(rep).shuffle(order)
+        for label in order:
             dt, ct = _time_once(label, model, args.energy)
             times[label].append(dt)
             cpu[label].append(ct)
@@ -648,6 +665,8 @@ def _whole_model(model, args) -> None:
         print(f"  auto / fastest exact-rank method (full, gram): {ref_auto / min(exact):.3f}")
     if ref_auto and "old-default" in med:
         print(f"  old default / auto: {med['old-default'] / ref_auto:.2f}x")
+    if ref_auto and "auto-serial" in med:
+        print(f"  auto layer by layer (svd_workers=1) / auto: {med['auto-serial'] / ref_auto:.2f}x")
     if ref_auto and ref_pissa:
         print(f"  PiSSA (full SVD init) / auto: {ref_pissa / ref_auto:.2f}x")
 

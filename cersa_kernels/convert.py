@@ -22,15 +22,15 @@ from .calibrate import (DEFAULT_CALIBRATION_MEMORY, DEFAULT_DAMPING, calibration
                         check_damping, check_memory, collect_moments, is_one_shot, merge_stats,
                         weighted_singular_values, weighted_truncated_svd)
 from .config import CersaConfig
-from .layers import CersaModule, is_cersa
-from .decompose import singular_values
+from .layers import CersaLayer, CersaModule, is_cersa
+from .decompose import _svd_threads_exactly, pool_eligible, singular_values, truncated_svd_many
 from .planning import spectrum_method
 from .planning import policy_summary, keeps_dense, layer_nbytes, layer_ranks, no_saving_reason
 from .report import ConversionReport, record_of
 from .targets import (attach_skeleton, carry_over, cersa_modules, collect, disable_fast_paths, module_names,
                       refused_hooks, restore_dense, restore_fast_paths, set_module, unwrap)
 
-__all__ = ["convert", "merge", "seeded", "layer_seed", "config_from_keywords"]
+__all__ = ["convert", "merge", "seeded", "layer_seed", "config_from_keywords", "check_svd_workers"]
 
 
 def layer_seed(name: str) -> int:
@@ -80,7 +80,7 @@ def convert(model: nn.Module, energy: float | None = 0.93, *, rank: int | None =
             target_modules=None, exclude=None, progress: bool = True, config: CersaConfig | None = None,
             calibration=None, calibration_damping: float = DEFAULT_DAMPING,
             calibration_memory: int = DEFAULT_CALIBRATION_MEMORY, calibration_rank: str = "weight",
-            **options) -> nn.Module:
+            svd_workers: int | None = None, **options) -> nn.Module:
     """Replace the model's layers in place by CERSA layers; returns the model.
 
     Converted layer types (the layer registry, ``cersa_kernels.layers.LAYER_TYPES``): nn.Linear -> CersaLinear; transformers' Conv1D
@@ -167,6 +167,17 @@ def convert(model: nn.Module, energy: float | None = 0.93, *, rank: int | None =
     whatever the global seed.
     PyTorch's fused inference fast paths of nn.TransformerEncoder(Layer) are turned off where a
     CERSA layer sits inside (they read raw weights); ``merge`` turns them back on.
+    svd_workers: how many weights are decomposed at the same time (None, the default:
+      torch.get_num_threads(); 1: one after the other).  Without calibration, the weights that
+      ``decompose.pool_eligible`` admits (CPU, exact-rank methods "full" / "gram", min(m, n) <=
+      decompose.SINGLE_THREAD_SVD_MAX_DIM, so their LAPACK calls run on one thread anyway) are
+      decomposed ahead of the layer building, in chunks of about CONVERT_CHUNK_NUMBERS weight
+      numbers, by ``decompose.truncated_svd_many(workers=svd_workers)`` (one torch and one BLAS
+      thread per worker); the layers are then built in order from those factors.  The factors,
+      ranks and report are bit for bit those of svd_workers=1 (docs/design.md "Computing the
+      truncated SVD").  Randomized SVDs, GPU weights, larger weights, nn.MultiheadAttention and
+      calibrated conversion decompose layer by layer as before.  Raises ValueError for a value
+      that is not None or a positive int.
     The report (``get_report(model)`` or ``model.cersa_report``) lists every candidate layer.
     All decompositions run before any module is swapped: on any error the model is unchanged.
     Raises TypeError/ValueError naming the argument or the layer.
@@ -183,6 +194,7 @@ def convert(model: nn.Module, energy: float | None = 0.93, *, rank: int | None =
         raise ValueError(f"calibration_rank: expected one of {CALIBRATION_RANKS}, got {calibration_rank!r}")
     if calibration is not None:
         check_calibration(calibration)
+    svd_workers = check_svd_workers(svd_workers)
     report = ConversionReport(energy=config.energy)
     first = not cersa_modules(model)
     todo, names = collect(model, target_modules, exclude, report)
@@ -217,9 +229,15 @@ def convert(model: nn.Module, energy: float | None = 0.93, *, rank: int | None =
                 with seeded(item[0], _device_of(item[1])):
                     ranks.append(layer_ranks([item], config)[0][0])
         report.policy = policy
-        for (name, mod, cls), rk, factors in zip(todo, ranks, weighted):
+        ahead = _FactorsAhead(todo, ranks, config, svd_workers) if calibration is None else None
+        for i, ((name, mod, cls), rk, factors) in enumerate(zip(todo, ranks, weighted)):
             bar.set_postfix_str(name, refresh=False)
-            with seeded(name, _device_of(mod)):
+            threads = contextlib.nullcontext()
+            if factors is None and ahead is not None:
+                factors = ahead.factors(i)
+                if factors is not None and config.quantize is None:
+                    threads = _svd_threads_exactly(1)  # element-wise work only: see _FactorsAhead
+            with seeded(name, _device_of(mod)), threads:
                 new = cls.from_dense(mod, config, ranks=rk, name=name, factors=factors)
             bar.update(1)
             rec = record_of(name, new)
@@ -256,6 +274,73 @@ def convert(model: nn.Module, energy: float | None = 0.93, *, rank: int | None =
     if outer is not model:
         outer.__dict__["cersa_report"] = report
     return outer
+
+
+def check_svd_workers(svd_workers) -> int:
+    """``convert``'s svd_workers: None -> torch.get_num_threads(), else a positive int (returned)."""
+    if svd_workers is None:
+        return max(1, torch.get_num_threads())
+    if isinstance(svd_workers, bool) or not isinstance(svd_workers, int) or svd_workers < 1:
+        raise ValueError(f"svd_workers: expected None or a positive int, got {svd_workers!r}")
+    return svd_workers
+
+
+#: ``convert`` decomposes the weights it can hand to worker threads in chunks of about this many
+#: weight numbers (2^25: 128 MiB of float32 weights), so that the factors waiting for their layers
+#: stay bounded (at most about twice the chunk's weights); the workers hold one float64 Gram
+#: matrix or LAPACK workspace each.
+CONVERT_CHUNK_NUMBERS = 1 << 25
+
+
+class _FactorsAhead:
+    """The factors of ``convert``'s per-layer decompositions, computed ahead in chunks by
+    decompose.truncated_svd_many with ``workers`` threads: per candidate i, ``factors(i)`` is the
+    ``from_dense`` factors= list of a pooled layer (what from_dense itself would compute: the same
+    request, names and extra components) or None (from_dense decomposes it).  Such a layer is then
+    built on one torch thread unless it is quantized: building from factors is slicing, copies and
+    element-wise arithmetic (a serial Kaiming draw, sums of at most delta_rank numbers), whose
+    results do not depend on the thread count, and on the loaded 2-core machine 2 threads made it
+    25x slower (20 ms against 0.8 ms per SmolLM2 layer: OpenMP waits on tiny loops); the
+    quantized path's reductions over a whole matrix and LoftQ's products and SVDs keep the
+    caller's threads, as in the layer-by-layer path."""
+
+    def __init__(self, todo, ranks, config: CersaConfig, workers: int):
+        self.config, self.workers, self.ready = config, workers, {}
+        self.plan: list = [None] * len(todo)
+        if workers < 2:
+            return
+        for i, ((name, mod, cls), rk) in enumerate(zip(todo, ranks)):
+            mats = cls.matrices(mod) if issubclass(cls, CersaLayer) else []
+            if len(mats) != 1:
+                continue
+            (label, W), = mats
+            rank = rk[0] if rk and rk[0] is not None else config.rank
+            energy = config.energy if rank is None else None
+            try:
+                ok = pool_eligible(W, energy, rank, svd=config.svd, extra=config.extra_components)
+            except (TypeError, ValueError):  # from_dense raises it, in order, naming the layer
+                ok = False
+            if ok:
+                self.plan[i] = (W, energy, rank, f"{name}.{label}")
+
+    def factors(self, i: int):
+        if self.plan[i] is None:
+            return None
+        if i not in self.ready:
+            chunk, numbers = [], 0
+            for j in range(i, len(self.plan)):
+                if self.plan[j] is None:
+                    continue
+                if chunk and numbers + self.plan[j][0].numel() > CONVERT_CHUNK_NUMBERS:
+                    break
+                chunk.append(j)
+                numbers += self.plan[j][0].numel()
+            reqs = [self.plan[j] for j in chunk]
+            got = truncated_svd_many([r[0] for r in reqs], energy=[r[1] for r in reqs], rank=[r[2] for r in reqs],
+                                     where=[r[3] for r in reqs], svd=self.config.svd, workers=self.workers,
+                                     extra=self.config.extra_components)
+            self.ready.update(zip(chunk, got))
+        return [self.ready.pop(i)]
 
 
 #: values of ``convert``'s calibration_rank: the spectrum the rank policies read under calibration.

@@ -37,8 +37,9 @@ from torch import Tensor
 
 __all__ = ["BudgetAllocation", "DecompositionInfo", "EXACT_RANK_METHODS", "GRAM_SIGMA_RTOL", "SVD_METHODS",
            "allocate_budget", "canonical_signs", "check_energy", "check_rank", "check_svd", "check_weight", "choose_svd",
-           "energy_rank", "estimate_svd_seconds", "gram_eigenvalue_error", "gram_svd", "randomized_svd",
-           "round_rank", "singular_values", "truncated_svd", "truncated_svd_many", "uniform_energy_for_budget"]
+           "energy_rank", "estimate_svd_seconds", "gram_eigenvalue_error", "gram_svd", "pool_eligible",
+           "randomized_svd", "round_rank", "singular_values", "truncated_svd", "truncated_svd_many",
+           "uniform_energy_for_budget"]
 
 #: values of the ``svd=`` option: "full" (LAPACK/cuSOLVER economy SVD), "gram" (float64 Gram
 #: eigendecomposition, :func:`gram_svd`), "randomized" (range finder grown until the target energy
@@ -846,8 +847,20 @@ def truncated_svd(W: Tensor, energy: float | None = None, rank: int | None = Non
     """
     check_svd(svd)
     energy, rank, m, n, p = _check_target(W, energy, rank, where)
-    if svd == "auto":
-        svd = choose_svd((m, n), energy=energy, rank=rank, dtype=W.dtype, device=W.device)
+    return _truncated(W, energy, rank, where, svd)
+
+
+def _method(W: Tensor, energy: float | None, rank: int | None, svd: str) -> str:
+    """The method ``svd`` runs for a checked request ("auto": choose_svd, looked up at call time)."""
+    if svd != "auto":
+        return svd
+    return choose_svd(tuple(W.shape), energy=energy, rank=rank, dtype=W.dtype, device=W.device)
+
+
+def _truncated(W: Tensor, energy: float | None, rank: int | None, where: str, svd: str
+               ) -> tuple[Tensor, Tensor, Tensor, DecompositionInfo]:
+    """truncated_svd on an already checked request."""
+    svd = _method(W, energy, rank, svd)
     if svd == "randomized":
         U, S, Vh, info = randomized_svd(W, energy=energy, rank=rank, where=where)
     elif svd == "gram":
@@ -858,80 +871,179 @@ def truncated_svd(W: Tensor, energy: float | None = None, rank: int | None = Non
     return U, S, Vh, info
 
 
+def _with_extra(W: Tensor, energy: float | None, rank: int | None, where: str, svd: str, extra: int):
+    """truncated_svd, then (extra > 0) the factors of rank q = min(r + extra, p) with the first
+    call's info: what ``CersaLayer.from_dense`` decomposes for a layer whose init needs ``extra``
+    components beyond the truncation (CersaConfig.extra_components)."""
+    U, S, Vh, info = _truncated(W, energy, rank, where, svd)
+    q = min(info.rank + extra, min(W.shape))
+    if q > info.rank:
+        U, S, Vh, _ = _truncated(W, None, q, where, svd)
+    return U, S, Vh, info
+
+
 def canonical_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
     """Singular vectors with a fixed sign: each column j of U (m, r) and row j of Vh (r, n) are
     negated together when the entry of largest magnitude of U[:, j] is negative (the first such
     entry on ties), so U diag(S) Vh is unchanged.  Without it LAPACK's choice of sign can differ
     between thread counts, libraries or processes, and processes that each decompose the same
     weight (every rank of an FSDP2 job) would hold different factors.  Returns new tensors of the
-    inputs' dtype and layout; r = 0 passes through."""
+    inputs' dtype and layout; r = 0 passes through.
+    The sign is read from the column maxima and minima (the largest magnitude is negative exactly
+    when -min > max), a reduction 3-9x cheaper than argmax of |U| on (1536, 400); only columns
+    where -min == max (a tie between a positive and a negative entry) take argmax's first-entry rule."""
     if U.shape[1] == 0:
         return U, Vh
-    idx = U.abs().argmax(dim=0, keepdim=True)
-    flip = torch.where(torch.gather(U, 0, idx) < 0, -1.0, 1.0).to(U.dtype)
+    hi, lo = U.amax(dim=0), U.amin(dim=0)
+    neg = -lo > hi
+    tie = (-lo == hi) & (hi != 0)
+    if bool(tie.any()):
+        cols = tie.nonzero().flatten()
+        sub = U[:, cols]
+        first = torch.gather(sub, 0, sub.abs().argmax(dim=0, keepdim=True))[0]
+        neg[cols] = first < 0
+    flip = torch.where(neg, -1.0, 1.0).to(U.dtype)
     return (U * flip).contiguous(), (Vh * flip.reshape(-1, 1).to(Vh.dtype)).contiguous()
 
 
-def truncated_svd_many(weights, energy: float | None = None, rank: int | None = None, *, where=None,
-                       svd: str = "auto", workers: int = 1
-                       ) -> list[tuple[Tensor, Tensor, Tensor, DecompositionInfo]]:
-    """:func:`truncated_svd` of several weights with one target: a list of its results, in order.
+def _per_weight(value, count: int, name: str) -> list:
+    """``value`` for each of ``count`` weights: a scalar (or None) repeated, or a sequence of ``count``."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ValueError(f"{name}: expected one value per weight ({count}), got {len(value)}")
+        return list(value)
+    return [value] * count
 
-    weights: a sequence of 2-D tensors (any shapes, dtypes, devices).  where: None (names
-    "weight[i]") or one name per weight.  Every weight and the target are checked before any is
-    decomposed, so a bad one raises ValueError/TypeError naming it with no work done.
+
+def _single_threaded(W: Tensor) -> bool:
+    """Whether a decomposition of W runs on one torch thread and one BLAS thread anyway
+    (_svd_threads / _blas_threads: a CPU weight with min(m, n) <= SINGLE_THREAD_SVD_MAX_DIM, or
+    ``$CERSA_SVD_THREADS`` = 1)."""
+    if W.device.type != "cpu":
+        return False
+    env = os.environ.get("CERSA_SVD_THREADS")
+    if env:
+        return env.isdigit() and int(env) == 1
+    return min(W.shape) <= SINGLE_THREAD_SVD_MAX_DIM
+
+
+def pool_eligible(W: Tensor, energy: float | None = None, rank: int | None = None, *, svd: str = "auto",
+                  extra: int = 0) -> bool:
+    """Whether :func:`truncated_svd_many` with workers > 1 decomposes W (m, n) in its worker pool:
+    a CPU weight whose decomposition runs on one thread anyway (min(m, n) <=
+    SINGLE_THREAD_SVD_MAX_DIM, or ``$CERSA_SVD_THREADS`` = 1), by exact-rank methods only
+    ("full" / "gram", after "auto"'s choice, for the target and, with ``extra``, for the rank
+    r + extra; r is not known yet, so both min(m, n) and a rank below it must choose exact
+    methods).  Such a decomposition does the same arithmetic in a worker as in the calling thread,
+    so its factors are bit for bit the same; the others (randomized SVDs: they draw from the
+    global generator; multi-threaded LAPACK) run in the calling thread.  The target is checked
+    as in truncated_svd (ValueError/TypeError)."""
+    check_svd(svd)
+    energy, rank, _, _, _ = _check_target(W, energy, rank, "weight")
+    return _pool_eligible(W, energy, rank, svd, extra)
+
+
+def _pool_eligible(W: Tensor, energy: float | None, rank: int | None, svd: str, extra: int) -> bool:
+    """pool_eligible on an already checked request."""
+    if not _single_threaded(W):
+        return False
+    p = min(W.shape)
+    meths = {_method(W, energy, rank, svd)}
+    if extra > 0:  # the second call's rank r + extra is not known before the first has run
+        meths |= {_method(W, None, p, svd), _method(W, None, max(p - 1, 0), svd)}
+    return meths <= set(EXACT_RANK_METHODS)
+
+
+#: Weights that truncated_svd_many keeps in its pool's queue beyond those being decomposed, per
+#: worker: results are taken in order, so a slow weight does not stall the other workers.
+POOL_QUEUE_PER_WORKER = 4
+
+
+def truncated_svd_many(weights, energy=None, rank=None, *, where=None, svd: str = "auto", workers: int = 1,
+                       extra=0) -> list[tuple[Tensor, Tensor, Tensor, DecompositionInfo]]:
+    """:func:`truncated_svd` of several weights: a list of its results, in order.
+
+    weights: a sequence of 2-D tensors (any shapes, dtypes, devices).  energy / rank: the target,
+    one for every weight (a float / an int) or one per weight (a list: None where the other is
+    given); each weight needs exactly one of them.  where: None (names "weight[i]") or one name
+    per weight.  Every weight and target are checked before any is decomposed, so a bad one raises
+    ValueError/TypeError naming it with no work done.
     svd: as truncated_svd ("auto": :func:`choose_svd` per weight).
+    extra: components beyond each truncation (an int >= 0 or one per weight): the factors then hold
+      q = min(r + extra, min(m, n)) components (a second truncated_svd at rank q when q > r) and
+      info is the truncation's (rank r, its energy), as ``CersaLayer.from_dense`` decomposes for
+      init="residual" (CersaConfig.extra_components).
     workers: how many weights are decomposed at the same time (a positive int, default 1: one by
-      one).  With workers > 1 and CPU weights, that many Python threads each decompose whole
-      weights with one torch thread and one BLAS thread (LAPACK, numpy and torch release the GIL),
-      instead of one weight at a time on several threads: independent single-threaded LAPACK calls
-      do not wait for each other, where a multi-threaded 576 x 576 eigendecomposition on a shared
-      2-core machine stalled at its synchronisation points (bench/bench_convert_time.py: median
-      112 ms with 2 BLAS threads against 70 ms with 1, some calls 6 s).  The thread settings are
-      process-wide for the duration of the call (other threads that call decompose meanwhile see
-      them too).  The results equal those of workers=1: the Gram path's bit for bit, the full
-      SVD's within float32 rounding (MKL can take another code path in a new thread).
-      CUDA weights are always decomposed one by one.  Stacking same-shape weights into one batched
-      float64 product and eigh measured no faster on the CPU (LAPACK loops over a batch), so there
-      is no batched path.
-    Raises ValueError for a bad ``workers`` as well.
+      one).  With workers > 1 the weights that :func:`pool_eligible` admits (CPU, exact-rank
+      methods, small enough that their LAPACK calls run on one thread anyway) are decomposed by
+      that many Python threads, each with one torch thread (set in every worker) and one BLAS
+      thread (LAPACK, numpy and torch release the GIL), instead of one weight at a time:
+      independent single-threaded LAPACK calls do not wait for each other, where a multi-threaded
+      576 x 576 eigendecomposition on a shared 2-core machine stalled at its synchronisation
+      points (bench/bench_convert_time.py: median 112 ms with 2 BLAS threads against 70 ms with 1,
+      some calls 6 s).  The other weights (randomized SVDs, which draw from the global generator,
+      and large or CUDA weights, whose LAPACK / cuSOLVER calls are multi-threaded) are decomposed
+      afterwards in the calling thread, in order.  The thread settings are process-wide while the
+      pool runs (other threads that call decompose meanwhile see them too).  The results are bit
+      for bit those of workers=1.  On an error in the pool the first failing pooled weight (in
+      order) raises, the queued ones are cancelled and the running ones are waited for.  Stacking same-shape weights
+      into one batched float64 product and eigh measured no faster on the CPU (LAPACK loops over a
+      batch), so there is no batched path.
+    Raises ValueError for a bad ``workers`` or ``extra`` as well.
     """
     weights = list(weights)
-    names = [f"weight[{i}]" for i in range(len(weights))] if where is None else list(where)
-    if len(names) != len(weights):
-        raise ValueError(f"where: expected {len(weights)} names, one per weight, got {len(names)}")
+    count = len(weights)
+    names = [f"weight[{i}]" for i in range(count)] if where is None else list(where)
+    if len(names) != count:
+        raise ValueError(f"where: expected {count} names, one per weight, got {len(names)}")
     check_svd(svd)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers: expected a positive int, got {workers!r}")
-    reqs = [_check_target(W, energy, rank, nm) for W, nm in zip(weights, names)]
+    energies, ranks = _per_weight(energy, count, "energy"), _per_weight(rank, count, "rank")
+    extras = _per_weight(extra, count, "extra")
+    for e in extras:
+        if isinstance(e, bool) or not isinstance(e, int) or e < 0:
+            raise ValueError(f"extra: expected an int >= 0 (or one per weight), got {e!r}")
+    reqs = [_check_target(W, e, rk, nm)[:2] for W, e, rk, nm in zip(weights, energies, ranks, names)]
 
     def one(i: int):
-        W, nm, (e, rk, m, n, _) = weights[i], names[i], reqs[i]
-        meth = choose_svd((m, n), energy=e, rank=rk, dtype=W.dtype, device=W.device) if svd == "auto" else svd
-        if meth == "randomized":
-            return randomized_svd(W, energy=e, rank=rk, where=nm)
-        if meth == "gram":
-            return _gram_svd(W, e, rk, nm)
-        return _full_svd(W, e, rk, nm)
+        return _with_extra(weights[i], reqs[i][0], reqs[i][1], names[i], svd, extras[i])
 
-    cpu = [i for i, W in enumerate(weights) if W.device.type == "cpu"]
-    if workers == 1 or len(cpu) < 2:
-        return [one(i) for i in range(len(weights))]
-    from concurrent.futures import ThreadPoolExecutor
-
-    out: list = [None] * len(weights)
-    probe = weights[cpu[0]]
-    with _svd_threads_exactly(1), _blas_threads(probe, want=1):
-        _PINNED_THREADS.append(True)
-        try:
-            with ThreadPoolExecutor(max_workers=min(workers, len(cpu))) as pool:
-                for i, res in zip(cpu, pool.map(one, cpu)):
-                    out[i] = res
-        finally:
-            _PINNED_THREADS.pop()
-    for i in range(len(weights)):
+    pooled = [i for i in range(count) if _pool_eligible(weights[i], *reqs[i], svd, extras[i])] if workers > 1 else []
+    out: list = [None] * count
+    if len(pooled) >= 2:
+        for i, res in zip(pooled, _pool_map(one, pooled, workers, weights[pooled[0]])):
+            out[i] = res
+    for i in range(count):
         if out[i] is None:
             out[i] = one(i)
+    return out
+
+
+def _pool_map(fn, items: list, workers: int, probe: Tensor):
+    """[fn(item) for item in items] on ``workers`` threads with one torch and one BLAS thread each
+    (see truncated_svd_many); at most POOL_QUEUE_PER_WORKER * workers items queued ahead of the
+    first unfinished one.  The first failure in order raises (queued items cancelled, running ones
+    awaited)."""
+    import itertools
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = []
+    with _svd_threads_exactly(1), _blas_threads(probe, want=1):
+        _PINNED_THREADS.append(True)
+        pool = ThreadPoolExecutor(max_workers=min(workers, len(items)),
+                                  initializer=torch.set_num_threads, initargs=(1,))
+        try:
+            todo = iter(items)
+            first = itertools.islice(todo, workers * (1 + POOL_QUEUE_PER_WORKER))
+            ahead = deque(pool.submit(fn, it) for it in first)
+            while ahead:
+                out.append(ahead.popleft().result())
+                ahead.extend(pool.submit(fn, it) for it in itertools.islice(todo, 1))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            _PINNED_THREADS.pop()
     return out
 
 
