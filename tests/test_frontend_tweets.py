@@ -124,11 +124,11 @@ def test_defaults_follow_the_protocol(ft, monkeypatch, capsys):
     assert (args.steps, args.batch_size, args.max_length, args.delta_rank, args.lora_alpha) == (150, 32, 64, 8, 16)
     assert (args.train_size, args.test_size, args.seed, args.energy) == (4000, 1500, 0, 0.93)
     assert args.method is None and args.methods == ["cersa", "lora", "full"]
-    assert ft.DEFAULT_LR["cersa"] == ft.DEFAULT_LR["lora"] == 5e-4
+    assert ft.DEFAULT_LR["cersa"] == ft.DEFAULT_LR["lora"] == 1e-3
     with pytest.raises(SystemExit):
         parser.parse_args(["--help"])
     helptext = " ".join(capsys.readouterr().out.split())
-    assert "cersa and lora share the default learning rate 5e-4" in helptext
+    assert "cersa and lora share the default learning rate 1e-3" in helptext
     # STEPS from the environment and the runner's shared options (--lora-alpha, --steps, ...):
     # tests/test_frontend_runner.py
 
@@ -199,7 +199,7 @@ def test_tiny_run_lora(ft, minilm_shapes, capsys):
     # query / key / value / dense are the suffixes of all 37 Linear layers of the BertModel
     assert row["trainable"] == sum(8 * (m + n) for m, n in shapes) + HEAD
     assert row["frozen"] == total and row["base_bytes"] == row["dense_base_bytes"]
-    assert row["lr"] == 5e-4
+    assert row["lr"] == 1e-3
     out = capsys.readouterr().out
     assert "| lora" in out and "alpha 16" in out
 
@@ -235,7 +235,7 @@ def test_tiny_run_cersa(ft, minilm_shapes):
     assert delta % 8 == 0
     assert row["layers_converted"] * 8 * 768 <= delta <= row["layers_converted"] * 8 * 1920
     assert row["base_bytes"] < row["dense_base_bytes"] and row["base_frozen"] is True
-    assert row["lr"] == 5e-4
+    assert row["lr"] == 1e-3
 
 
 @slow
