@@ -42,6 +42,9 @@ helpers without adding to its baseline memory.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
+import gc
 import itertools
 import json
 import math
@@ -103,7 +106,15 @@ def current_rss_mib() -> float:
 
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark of this process (Linux: write 5 to /proc/self/clear_refs);
-    True when it worked, so a later VmHWM reading measures from now on."""
+    True when it worked, so a later VmHWM reading measures from now on.  First the heap that earlier
+    work freed (loading, conversion, calibration) goes back to the system (``gc.collect`` and glibc's
+    ``malloc_trim(0)`` where there is one): glibc keeps freed blocks mapped and resident otherwise,
+    and the mark would start from memory that no object holds any more."""
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to give back this way
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
