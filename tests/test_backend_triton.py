@@ -2,7 +2,7 @@
 
 On a machine without a GPU the kernels run under the Triton interpreter: TRITON_INTERPRET=1 must
 be set before triton is first imported in the process (tests/conftest.py does that when no CUDA
-device is visible; the fallback below covers running this file alone).  On a GPU the same tests
+device is visible; pytest loads it before this file, also when this file runs alone).  On a GPU the same tests
 run the compiled kernels.
 
 Error metric: max |out - ref| / max |ref| (conftest.rel_error; ref computed in float64 from the
@@ -18,12 +18,8 @@ import zlib
 from pathlib import Path
 from unittest import mock
 
+import pytest
 import torch
-
-if "triton" not in sys.modules and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 

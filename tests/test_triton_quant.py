@@ -14,17 +14,10 @@ GPU the same tests run the compiled kernels.
 """
 from __future__ import annotations
 
-import os
-import sys
-
+import pytest
 import torch
-
-if "triton" not in sys.modules and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
