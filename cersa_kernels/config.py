@@ -169,6 +169,14 @@ class CersaConfig:
         "principal" and "lora" (delta inside the truncation or at zero)."""
         return self.delta_rank if self.init == "residual" else 0
 
+    def truncation_request(self, planned_rank: int | None = None) -> tuple[float | None, int | None]:
+        """(energy, rank) of one matrix's truncated SVD (``decompose.truncated_svd``'s energy= and
+        rank=): the rank planned for it (a budget's or a layer's own, when not None), else this
+        config's fixed ``rank``, else None with this config's ``energy`` (the smallest rank keeping
+        that fraction of sum S_i^2; docs/design.md "Rank policies")."""
+        rank = planned_rank if planned_rank is not None else self.rank
+        return (self.energy if rank is None else None), rank
+
     @property
     def scale(self) -> float:
         """The delta scale s = alpha / delta_rank (1.0 without alpha) of init="lora"; the split inits

@@ -314,8 +314,7 @@ class _FactorsAhead:
             if len(mats) != 1:
                 continue
             (label, W), = mats
-            rank = rk[0] if rk and rk[0] is not None else config.rank
-            energy = config.energy if rank is None else None
+            energy, rank = config.truncation_request(rk[0] if rk else None)
             try:
                 ok = pool_eligible(W, energy, rank, svd=config.svd, extra=config.extra_components)
             except (TypeError, ValueError):  # from_dense raises it, in order, naming the layer
@@ -424,8 +423,8 @@ def _weighted_factors(name: str, mod: nn.Module, cls, ranks, moments, config: Ce
     ranks = list(ranks) if ranks is not None else [None] * len(mats)
     out = []
     for (label, W), rk, C in zip(mats, ranks, moments):
-        rank = rk if rk is not None else config.rank
-        out.append(weighted_truncated_svd(W, C, energy=config.energy if rank is None else None, rank=rank,
+        energy, rank = config.truncation_request(rk)
+        out.append(weighted_truncated_svd(W, C, energy=energy, rank=rank,
                                           extra=config.extra_components, damping=damping,
                                           where=f"{name}.{label}" if len(mats) > 1 else name, svd=config.svd))
     return out

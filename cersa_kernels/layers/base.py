@@ -252,9 +252,8 @@ class CersaLayer(CersaModule):
         if given is not None:
             U, S, Vh, info = _check_factors(given, W, where)
         else:
-            rank = ranks[0] if ranks and ranks[0] is not None else config.rank
-            U, S, Vh, info = truncated_svd(W, energy=config.energy if rank is None else None, rank=rank,
-                                           where=where, svd=config.svd)
+            energy, rank = config.truncation_request(ranks[0] if ranks else None)
+            U, S, Vh, info = truncated_svd(W, energy=energy, rank=rank, where=where, svd=config.svd)
             q = min(info.rank + config.extra_components, min(W.shape))
             if q > info.rank:  # the next singular triplets of W, after the truncation's r
                 U, S, Vh, _ = truncated_svd(W, rank=q, where=where, svd=config.svd)
